@@ -1,0 +1,3 @@
+"""dreambooth-offset: DreamBooth LoRA fine-tuning of Stable Diffusion with offset noise."""
+
+__version__ = "0.1.0"
