@@ -1,0 +1,40 @@
+"""Command line: `dreambooth-offset <subcommand> ...`.
+
+Subcommands live next to the code they drive; each such module exposes
+`register(subparsers)` which adds its parser and sets `func=run(args) -> int`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from dreambooth_offset.errors import UsageError
+
+# Modules that add subcommands, in the order `--help` lists them.
+SUBCOMMAND_MODULES = (
+    "dreambooth_offset.train",
+    "dreambooth_offset.sample",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dreambooth-offset", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # No network at run time: checkpoints come from local folders or an existing hub cache.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as err:
+        print(f"dreambooth-offset {args.command}: error: {err}", file=sys.stderr)
+        return 2
