@@ -1,0 +1,313 @@
+"""Typed, frozen run configuration.
+
+One flat namespace of keys, grouped into dataclasses by concern. The same key is a command-line
+flag (`--noise_offset 0.1`) and a TOML key (`noise_offset = 0.1`). Precedence, lowest first:
+field defaults < the `--config` TOML file < command-line flags. Unknown keys and contradictory
+settings raise `UsageError` naming the key before any model is loaded.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dreambooth_offset.errors import UsageError
+
+
+def option(default: Any, help: str, choices: tuple | None = None) -> Any:
+    """A config field: its default, its help text and, optionally, the values it accepts."""
+    if isinstance(default, (list, tuple)):
+        return field(default=tuple(default), metadata={"help": help, "choices": choices})
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def _check_choices(cfg: Any) -> None:
+    for f in dataclasses.fields(cfg):
+        value, choices = getattr(cfg, f.name), f.metadata.get("choices")
+        if choices and value not in choices:
+            raise UsageError(f"{f.name} = {value!r} is not one of {', '.join(map(str, choices))}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    pretrained_model_name_or_path: str = option(
+        "", "Local diffusers Stable Diffusion folder, or a hub id already in the local cache."
+    )
+    revision: str | None = option(None, "Hub revision (branch, tag or commit) of the checkpoint.")
+    variant: str | None = option(None, "Weight variant to load, e.g. 'fp16'.")
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    instance_data_dir: str = option("", "Folder with the images of the subject.")
+    instance_prompt: str = option("", "Prompt with the identifier, e.g. 'a photo of sks dog'.")
+    resolution: int = option(512, "Training resolution in pixels; a multiple of 8.")
+    center_crop: bool = option(False, "Center-crop to the resolution (else a random crop).")
+    random_flip: bool = option(False, "Flip images horizontally at random.")
+    train_batch_size: int = option(1, "Instance images per step and process.")
+    with_prior_preservation: bool = option(False, "Add class images and a prior-preservation loss.")
+    class_data_dir: str = option("", "Folder of class images; missing ones are generated into it.")
+    class_prompt: str = option("", "Prompt for the class images, e.g. 'a photo of a dog'.")
+    num_class_images: int = option(100, "Class images wanted; the base model generates any missing.")
+    prior_loss_weight: float = option(1.0, "Weight of the prior-preservation loss.")
+    sample_batch_size: int = option(4, "Batch size when generating class images.")
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        if self.resolution <= 0 or self.resolution % 8:
+            raise UsageError(f"resolution = {self.resolution}: it must be a positive multiple of 8")
+        if self.train_batch_size < 1 or self.sample_batch_size < 1:
+            raise UsageError("train_batch_size and sample_batch_size must be at least 1")
+        if self.with_prior_preservation:
+            if not self.class_prompt:
+                raise UsageError("with_prior_preservation needs class_prompt (e.g. 'a photo of a dog')")
+            if not self.class_data_dir:
+                raise UsageError("with_prior_preservation needs class_data_dir (a folder for class images)")
+            if self.num_class_images < 1:
+                raise UsageError("num_class_images must be at least 1 with prior preservation")
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    noise_offset: float = option(
+        0.1,
+        "Offset-noise strength o: one N(0, o^2) shift per (sample, channel) added to the noise "
+        "(Guttenberg 2023). 0 disables it.",
+    )
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        if self.noise_offset < 0:
+            raise UsageError(f"noise_offset = {self.noise_offset}: it must be >= 0")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    rank: int = option(4, "LoRA rank.")
+    lora_alpha: int | None = option(None, "LoRA alpha; the update is scaled by alpha/rank. Default: rank.")
+    lora_dropout: float = option(0.0, "Dropout on the LoRA branch.")
+    unet_target_modules: tuple[str, ...] = option(
+        ("to_q", "to_k", "to_v", "to_out.0"),
+        "UNet modules that get LoRA (peft target_modules names; convs such as conv1, conv2, conv_out work too).",
+    )
+    train_text_encoder: bool = option(False, "Also train LoRA on the text encoder.")
+    text_encoder_target_modules: tuple[str, ...] = option(
+        ("q_proj", "k_proj", "v_proj", "out_proj"), "Text-encoder modules that get LoRA."
+    )
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        if self.rank < 1:
+            raise UsageError(f"rank = {self.rank}: it must be at least 1")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise UsageError(f"lora_dropout = {self.lora_dropout}: it must be in [0, 1)")
+        if not self.unet_target_modules:
+            raise UsageError("unet_target_modules is empty")
+
+    @property
+    def alpha(self) -> int:
+        return self.rank if self.lora_alpha is None else self.lora_alpha
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str = option("adamw8bit", "Optimizer: bitsandbytes 8-bit AdamW or torch AdamW.", ("adamw8bit", "adamw"))
+    learning_rate: float = option(1e-4, "Peak learning rate.")
+    adam_beta1: float = option(0.9, "AdamW beta1.")
+    adam_beta2: float = option(0.999, "AdamW beta2.")
+    adam_weight_decay: float = option(1e-2, "AdamW weight decay.")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm; 0 disables clipping.")
+    lr_scheduler: str = option(
+        "constant",
+        "diffusers learning-rate schedule.",
+        ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"),
+    )
+    lr_warmup_steps: int = option(0, "Warm-up steps of the learning-rate schedule.")
+    lr_num_cycles: int = option(1, "Cycles of cosine_with_restarts.")
+    lr_power: float = option(1.0, "Power of the polynomial schedule.")
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        if self.learning_rate <= 0:
+            raise UsageError(f"learning_rate = {self.learning_rate}: it must be > 0")
+        if self.lr_warmup_steps < 0 or self.max_grad_norm < 0:
+            raise UsageError("lr_warmup_steps and max_grad_norm must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str = option("dreambooth-offset-model", "Where the LoRA, checkpoints, samples and logs go.")
+    seed: int = option(0, "Seed of the run's one generator (noise, timesteps, shuffling, sampling).")
+    max_train_steps: int = option(400, "Optimizer steps to train.")
+    gradient_accumulation_steps: int = option(1, "Batches accumulated per optimizer step.")
+    mixed_precision: str = option("no", "Precision of the frozen weights and autocast.", ("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = option(False, "Trade compute for memory in the UNet (and text encoder).")
+    checkpointing_steps: int = option(0, "Save a resumable checkpoint every N steps; 0 = never.")
+    checkpoints_total_limit: int | None = option(None, "Keep at most this many checkpoints (oldest go first).")
+    resume_from_checkpoint: str | None = option(None, "'latest' or a checkpoint folder to resume from.")
+    report_to: str = option("tensorboard", "Where to log scalars.", ("tensorboard", "none"))
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        if self.max_train_steps < 1 or self.gradient_accumulation_steps < 1:
+            raise UsageError("max_train_steps and gradient_accumulation_steps must be at least 1")
+        if self.checkpointing_steps < 0:
+            raise UsageError("checkpointing_steps must be >= 0")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise UsageError("checkpoints_total_limit must be at least 1")
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    validation_prompt: tuple[str, ...] = option((), "Prompts sampled during training (fixed seeds).")
+    num_validation_images: int = option(4, "Images per validation prompt.")
+    validation_steps: int = option(100, "Sample every N steps (and at the end) when a prompt is set.")
+    num_inference_steps: int = option(25, "Sampler steps for validation and class images.")
+    guidance_scale: float = option(7.5, "Classifier-free guidance scale for validation and class images.")
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        if self.num_validation_images < 1 or self.validation_steps < 1 or self.num_inference_steps < 1:
+            raise UsageError("num_validation_images, validation_steps and num_inference_steps must be >= 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat key -> value mapping, the same keys a TOML file or the command line take."""
+        flat: dict[str, Any] = {}
+        for section in dataclasses.fields(self):
+            for key, value in dataclasses.asdict(getattr(self, section.name)).items():
+                flat[key] = list(value) if isinstance(value, tuple) else value
+        return flat
+
+    def save_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(RunConfig)[f.name] for f in dataclasses.fields(RunConfig)}
+
+# Flags accepted for compatibility with diffusers' example scripts: name -> (key, value it sets).
+ALIASES: dict[str, tuple[str, Any]] = {
+    "offset_noise": ("noise_offset", 0.1),  # diffusers train_dreambooth.py --offset_noise (fixed 0.1)
+    "use_8bit_adam": ("optimizer", "adamw8bit"),  # diffusers --use_8bit_adam
+}
+
+
+def _key_fields() -> dict[str, tuple[str, dataclasses.Field, Any]]:
+    """Every config key -> (section name, its dataclass field, its resolved type)."""
+    out = {}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            out[f.name] = (section, f, hints[f.name])
+    return out
+
+
+KEYS = _key_fields()
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(scalar type, is_sequence) for the annotations used above."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is tuple:
+        return args[0], True
+    if args:  # Optional[X]
+        return args[0], False
+    return tp, False
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Check a TOML value against the key's type; tuples for sequences."""
+    _, f, tp = KEYS[key]
+    base, is_seq = _base_type(tp)
+    if value is None:
+        return None
+    if is_seq:
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, list) or not all(isinstance(v, base) for v in values):
+            raise UsageError(f"{key} must be a list of {base.__name__}, got {value!r}")
+        return tuple(values)
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, base) or (base is int and isinstance(value, bool)):
+        raise UsageError(f"{key} must be {base.__name__}, got {value!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per config key. Defaults are suppressed so that only given flags override the file."""
+    parser.add_argument("--config", help="TOML file whose keys are these flag names.")
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(section)
+        for key, (_, f, tp) in ((k, v) for k, v in KEYS.items() if v[0] == section):
+            base, is_seq = _base_type(tp)
+            kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{f.metadata['help']} (default: {f.default})"}
+            if base is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs["type"] = base
+                kwargs["nargs"] = "+" if is_seq else None
+                kwargs["choices"] = f.metadata.get("choices")
+            group.add_argument(f"--{key}", **kwargs)
+    compat = parser.add_argument_group("compatibility with diffusers' scripts")
+    for alias, (key, value) in ALIASES.items():
+        compat.add_argument(f"--{alias}", action="store_true", default=argparse.SUPPRESS, help=f"Same as --{key} {value}.")
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults < TOML file at `path` < `overrides` (already-typed values, e.g. parsed flags)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise UsageError(f"cannot read config file {path}: {err.strerror}") from None
+        try:
+            file_values = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise UsageError(f"config file {path} is not valid TOML: {err}") from None
+        values.update(_resolve_aliases(file_values, source=str(path)))
+    values.update(_resolve_aliases(dict(overrides or {}), source="command line"))
+    unknown = sorted(set(values) - set(KEYS))
+    if unknown:
+        raise UsageError(f"unknown config key {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+    sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for key, value in values.items():
+        sections[KEYS[key][0]][key] = _coerce(key, value)
+    return RunConfig(**{name: SECTIONS[name](**kw) for name, kw in sections.items()})
+
+
+def _resolve_aliases(values: dict[str, Any], source: str) -> dict[str, Any]:
+    for alias, (key, implied) in ALIASES.items():
+        if alias not in values:
+            continue
+        if values.pop(alias) is False:
+            continue
+        if key in values and values[key] != implied:
+            raise UsageError(f"{source}: --{alias} means {key} = {implied!r}, but {key} = {values[key]!r} is also given")
+        values[key] = implied
+    return values
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    given = {k: v for k, v in vars(args).items() if k in KEYS or k in ALIASES}
+    return load_config(getattr(args, "config", None), given)

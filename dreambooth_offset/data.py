@@ -1,0 +1,126 @@
+"""DreamBooth images: find and check them, resize, crop and flip, assemble instance || class batches.
+
+Images are decoded through `datasets`' `Image` feature. Every random choice (which images,
+crop offsets, flips) is drawn from the run's generator for the *global* batch (all processes),
+and each process takes its own slice, so a run on 2 processes matches a run on 1 with twice the
+batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor
+
+from dreambooth_offset.errors import UsageError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# Files that may sit beside images without being images (kohya-style captions, notes).
+SIDECAR_SUFFIXES = {".txt", ".caption", ".json", ".jsonl", ".md", ".toml", ".npz"}
+
+
+def find_images(folder: str | Path, flag: str, allow_empty: bool = False) -> list[Path]:
+    """Every image file in `folder` (not recursive), sorted. Unreadable or truncated files raise,
+    naming the file; so does a file that is neither an image nor a known sidecar."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UsageError(f"--{flag} {folder}: folder does not exist")
+    paths = []
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        if path.suffix.lower() in SIDECAR_SUFFIXES:
+            continue
+        try:
+            with Image.open(path) as img:
+                img.load()  # decodes fully: catches truncated files that verify() lets through
+        except Exception as err:  # PIL raises many types; any of them means "not a usable image"
+            raise UsageError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
+        paths.append(path)
+    if not paths and not allow_empty:
+        raise UsageError(f"--{flag} {folder}: no images found")
+    return paths
+
+
+def load_resized(paths: list[Path], resolution: int) -> list[Tensor]:
+    """Decode with `datasets`, honour EXIF orientation, convert to RGB, resize the shorter side to
+    `resolution` (bilinear, as diffusers' scripts); uint8 tensors (3, H, W)."""
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"image": [str(p) for p in paths]}).cast_column("image", datasets.Image())
+    out = []
+    for row in ds:
+        img = ImageOps.exif_transpose(row["image"]).convert("RGB")
+        scale = resolution / min(img.size)
+        size = (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale)))
+        img = img.resize(size, Image.BILINEAR)
+        out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
+    return out
+
+
+def crop_is_random(images: list[Tensor], resolution: int, center_crop: bool) -> bool:
+    return not center_crop and any(img.shape[1:] != (resolution, resolution) for img in images)
+
+
+def to_pixels(img: Tensor, top: int, left: int, flip: bool, resolution: int) -> Tensor:
+    """Crop a uint8 (3, H, W) image, optionally mirror it, and map to float [-1, 1]."""
+    crop = img[:, top : top + resolution, left : left + resolution]
+    if flip:
+        crop = crop.flip(-1)
+    return crop.float() / 127.5 - 1.0
+
+
+def center_offsets(img: Tensor, resolution: int) -> tuple[int, int]:
+    return (img.shape[1] - resolution) // 2, (img.shape[2] - resolution) // 2
+
+
+@dataclass(frozen=True)
+class Example:
+    """One row of a batch: which image of which set, and how it was cropped and flipped."""
+
+    source: str  # "instance" or "class"
+    index: int
+    top: int
+    left: int
+    flip: bool
+
+
+def epoch_indices(n: int, start: int, count: int, seed: int, stream: int) -> list[int]:
+    """Items `start .. start+count` of an endless sequence of shuffled epochs over `n` items.
+
+    Each epoch's permutation comes from a generator seeded with (seed, stream, epoch), so the
+    sequence depends only on the position: resuming at any step needs no sampler state.
+    """
+    out = []
+    for k in range(start, start + count):
+        epoch, pos = divmod(k, n)
+        g = torch.Generator().manual_seed(((seed * 1_000_003 + stream) * 1_000_033 + epoch) % 2**63)
+        out.append(int(torch.randperm(n, generator=g)[pos]))
+    return out
+
+
+def draw_examples(
+    source: str,
+    images: list[Tensor],
+    indices: list[int],
+    resolution: int,
+    center_crop: bool,
+    random_flip: bool,
+    generator: torch.Generator,
+) -> list[Example]:
+    """Crop offsets and flips for the chosen images, drawn from `generator` in a fixed order."""
+    examples = []
+    for i in indices:
+        img = images[i]
+        top, left = center_offsets(img, resolution)
+        if not center_crop:
+            top = int(torch.randint(0, img.shape[1] - resolution + 1, (1,), generator=generator))
+            left = int(torch.randint(0, img.shape[2] - resolution + 1, (1,), generator=generator))
+        flip = bool(torch.rand((), generator=generator) < 0.5) if random_flip else False
+        examples.append(Example(source, i, top, left, flip))
+    return examples
+
+
+def stack_pixels(examples: list[Example], sets: dict[str, list[Tensor]], resolution: int) -> Tensor:
+    return torch.stack([to_pixels(sets[e.source][e.index], e.top, e.left, e.flip, resolution) for e in examples])

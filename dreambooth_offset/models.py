@@ -1,0 +1,79 @@
+"""Load Stable Diffusion parts from a local folder (or the local hub cache), freeze and encode."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from dreambooth_offset.config import ModelConfig
+from dreambooth_offset.errors import UsageError
+
+
+class SDParts(NamedTuple):
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: object
+
+
+def _check_source(name: str) -> None:
+    if not name:
+        raise UsageError("--pretrained_model_name_or_path is required (a diffusers folder or a cached hub id)")
+    path = Path(name).expanduser()
+    looks_like_path = path.is_absolute() or name.startswith((".", "~")) or name.count("/") != 1
+    if path.exists():
+        if not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
+            raise UsageError(f"{name} is not a diffusers Stable Diffusion folder (no model_index.json or unet/)")
+    elif looks_like_path:
+        raise UsageError(f"model folder {name} does not exist")
+
+
+def load_parts(cfg: ModelConfig) -> SDParts:
+    """Tokenizer, text encoder, VAE, UNet and the DDPM training scheduler, from local files only."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    _check_source(cfg.pretrained_model_name_or_path)
+    common = {"revision": cfg.revision, "local_files_only": True}
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="tokenizer", **common)
+        noise_scheduler = DDPMScheduler.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="scheduler", **common)
+        weights = {**common, "variant": cfg.variant}
+        text_encoder = CLIPTextModel.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="text_encoder", **weights)
+        vae = AutoencoderKL.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="vae", **weights)
+        unet = UNet2DConditionModel.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="unet", **weights)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"cannot load {cfg.pretrained_model_name_or_path} from local files: {first_line}") from None
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False)
+        module.eval()
+    return SDParts(tokenizer, text_encoder, vae, unet, noise_scheduler)
+
+
+def tokenize(tokenizer, prompts: list[str]) -> Tensor:
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def encode_prompts(text_encoder: torch.nn.Module, input_ids: Tensor) -> Tensor:
+    """Last hidden state of the CLIP text encoder: the UNet's cross-attention context."""
+    return text_encoder(input_ids.to(text_encoder.device))[0]
+
+
+def latent_distribution(vae: torch.nn.Module, pixels: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean, std) of the VAE's diagonal Gaussian posterior for pixels in [-1, 1], fp32."""
+    dist = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    return dist.mean.float(), dist.std.float()
+
+
+def sample_latents(mean: Tensor, std: Tensor, vae_config, generator: torch.Generator) -> Tensor:
+    """A posterior draw, scaled by the VAE's own `scaling_factor` (and `shift_factor` if it has one)."""
+    eps = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean.device)
+    latents = mean + std * eps
+    shift = getattr(vae_config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae_config.scaling_factor

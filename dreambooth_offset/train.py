@@ -1,0 +1,210 @@
+"""The training loop: DreamBooth LoRA with offset noise, under accelerate. The `train` subcommand."""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dreambooth_offset import checkpoint, config
+from dreambooth_offset.batches import Batch, BatchSource
+from dreambooth_offset.config import RunConfig
+from dreambooth_offset.data import find_images, load_resized
+from dreambooth_offset.errors import TrainingDiverged, UsageError
+from dreambooth_offset.lora import add_adapters, save_lora, trainable_parameters
+from dreambooth_offset.models import encode_prompts, load_parts
+from dreambooth_offset.noise import sample_noise
+from dreambooth_offset.objective import Loss, dreambooth_loss, training_target
+from dreambooth_offset.optim import make_lr_scheduler, make_optimizer
+
+CONFIG_NAME = "training_config.json"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    seconds: float
+    lora_path: Path
+
+
+def train_step(unet, text_encoder, noise_scheduler, batch: Batch, cfg: RunConfig, generator: torch.Generator) -> Loss:
+    """Noise the latents at random timesteps and regress the UNet on the scheduler's target."""
+    latents = batch.latents
+    noise = sample_noise(latents, cfg.noise, generator)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    timesteps = timesteps.to(latents.device)
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    context = batch.encoder_hidden_states
+    if context is None:
+        context = encode_prompts(text_encoder, batch.input_ids)
+    model_pred = unet(noisy_latents, timesteps, context.to(latents.device)).sample
+    target = training_target(noise_scheduler, latents, noise, timesteps)
+    return dreambooth_loss(model_pred, target, batch.num_instance, cfg.data.prior_loss_weight)
+
+
+def check_inputs(cfg: RunConfig) -> None:
+    """Everything that can be checked before a model loads; raises UsageError naming the culprit."""
+    if not cfg.data.instance_data_dir:
+        raise UsageError("--instance_data_dir is required")
+    if not cfg.data.instance_prompt:
+        raise UsageError("--instance_prompt is required")
+    find_images(cfg.data.instance_data_dir, "instance_data_dir")
+    if cfg.data.with_prior_preservation and Path(cfg.data.class_data_dir).is_dir():
+        find_images(cfg.data.class_data_dir, "class_data_dir", allow_empty=True)
+    out = Path(cfg.train.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"--output_dir {out}: not writable ({err.strerror})") from None
+    checkpoint.resolve_resume(out, cfg.train.resume_from_checkpoint)
+
+
+def make_accelerator(cfg: RunConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    out = Path(cfg.train.output_dir)
+    try:
+        return Accelerator(
+            mixed_precision=cfg.train.mixed_precision,
+            gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+            log_with=None if cfg.train.report_to == "none" else cfg.train.report_to,
+            project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        )
+    except ValueError as err:
+        raise UsageError(f"--mixed_precision {cfg.train.mixed_precision}: {err}") from None
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    from accelerate.utils import set_seed
+    from diffusers.training_utils import cast_training_params
+    from tqdm.auto import tqdm
+
+    from dreambooth_offset import prior, sample
+
+    started = time.time()
+    check_inputs(cfg)
+    accelerator = make_accelerator(cfg)
+    out = Path(cfg.train.output_dir)
+    set_seed(cfg.train.seed)  # peft's LoRA init and dropout use torch's global RNG
+    # The run's generator: noise, timesteps, posterior draws, crops and flips. One per process.
+    generator = torch.Generator().manual_seed(cfg.train.seed + 1_000_003 * accelerator.process_index)
+
+    parts = load_parts(cfg.model)
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.mixed_precision]
+    images = {"instance": load_resized(find_images(cfg.data.instance_data_dir, "instance_data_dir"), cfg.data.resolution)}
+    if cfg.data.with_prior_preservation:
+        class_paths = prior.ensure_class_images(parts, cfg, accelerator)
+        images["class"] = load_resized(class_paths, cfg.data.resolution)
+
+    unet, vae = parts.unet, parts.vae
+    text_encoder = parts.text_encoder if cfg.adapter.train_text_encoder else None
+    for module in (unet, vae, parts.text_encoder):
+        module.to(accelerator.device, dtype=weight_dtype)
+    add_adapters(unet, text_encoder, cfg.adapter)
+    trained = [m for m in (unet, text_encoder) if m is not None]
+    cast_training_params(trained, dtype=torch.float32)  # LoRA weights train in fp32 under fp16/bf16
+    if cfg.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if text_encoder is not None:
+            text_encoder.gradient_checkpointing_enable()
+
+    optimizer = make_optimizer(trainable_parameters(*trained), cfg.optim)
+    lr_scheduler = make_lr_scheduler(optimizer, cfg.optim, cfg.train, accelerator.num_processes)
+    if text_encoder is not None:
+        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
+    else:
+        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    checkpoint.register_lora_hooks(accelerator, unet, text_encoder)
+
+    batches = BatchSource(images, cfg.data, parts.tokenizer, parts.text_encoder, vae, cfg.adapter.train_text_encoder,
+                          cfg.train.seed, accelerator.process_index, accelerator.num_processes)
+    first_step = 0
+    resume = checkpoint.resolve_resume(out, cfg.train.resume_from_checkpoint)
+    if resume is not None:
+        first_step = checkpoint.load_checkpoint(accelerator, resume, generator)
+        accelerator.print(f"resumed from {resume} at step {first_step}")
+    elif cfg.train.resume_from_checkpoint == "latest":
+        accelerator.print(f"no checkpoint in {out} yet: starting from step 0")
+    if accelerator.is_main_process:
+        cfg.save_json(out / CONFIG_NAME)
+        accelerator.init_trackers("dreambooth-offset", config=_loggable(cfg.to_dict()))
+
+    accum = cfg.train.gradient_accumulation_steps
+    bar = tqdm(range(first_step, cfg.train.max_train_steps), initial=first_step, total=cfg.train.max_train_steps,
+               desc="train", disable=not accelerator.is_local_main_process)
+    for step in bar:
+        unet.train()
+        for micro in range(accum):
+            with accelerator.accumulate(*[m for m in (unet, text_encoder) if m is not None]):
+                batch = batches(step * accum + micro, generator)
+                loss = train_step(unet, text_encoder, parts.noise_scheduler, batch, cfg, generator)
+                if not math.isfinite(loss.total.item()):
+                    last = checkpoint.list_checkpoints(out)
+                    raise TrainingDiverged(
+                        f"loss became {loss.total.item()} at step {step + 1}; stopped without writing the LoRA. "
+                        f"Last good checkpoint: {last[-1] if last else 'none'}"
+                    )
+                accelerator.backward(loss.total)
+                if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(trainable_parameters(unet, text_encoder), cfg.optim.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        logs = {"loss": loss.total.item(), "loss_instance": loss.instance.item(), "lr": lr_scheduler.get_last_lr()[0]}
+        if loss.prior is not None:
+            logs["loss_prior"] = loss.prior.item()
+        bar.set_postfix(loss=f"{logs['loss']:.4f}")
+        accelerator.log(logs, step=done)
+        if cfg.train.checkpointing_steps and done % cfg.train.checkpointing_steps == 0 and done < cfg.train.max_train_steps:
+            checkpoint.save_checkpoint(accelerator, out, done, generator, cfg.train.checkpoints_total_limit)
+        if cfg.validation.validation_prompt and (done % cfg.validation.validation_steps == 0 or done == cfg.train.max_train_steps):
+            if accelerator.is_main_process:
+                sample.run_validation(accelerator, parts, unet, text_encoder, cfg, done)
+            accelerator.wait_for_everyone()
+
+    accelerator.wait_for_everyone()
+    lora_path = out / "pytorch_lora_weights.safetensors"
+    if accelerator.is_main_process:
+        lora_path = save_lora(out, accelerator.unwrap_model(unet), text_encoder and accelerator.unwrap_model(text_encoder))
+    accelerator.end_training()
+    result = TrainResult(cfg.train.max_train_steps - first_step, time.time() - started, lora_path)
+    accelerator.print(
+        f"trained {result.steps} steps in {result.seconds:.1f} s; LoRA: {result.lora_path}; "
+        f"config: {out / CONFIG_NAME}; logs: {out / 'logs'}"
+    )
+    return result
+
+
+def _loggable(flat: dict) -> dict:
+    """tensorboard's hparams take only scalars and strings."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="DreamBooth LoRA fine-tuning with offset noise.",
+        description="Defaults < --config TOML file < flags. Writes pytorch_lora_weights.safetensors to --output_dir.",
+    )
+    config.add_arguments(p)
+    p.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    cfg = config.config_from_args(args)
+    try:
+        train(cfg)
+    except TrainingDiverged as err:
+        import sys
+
+        print(f"dreambooth-offset train: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,19 @@
+import os
+
+import pytest
+import torch
+
+from tests.tiny import build_pipeline_folder, write_images
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    return build_pipeline_folder(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def instance_dir(tmp_path_factory):
+    return write_images(tmp_path_factory.mktemp("instance"), [(200, 80, 40), (40, 90, 220), (120, 120, 120)])

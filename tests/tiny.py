@@ -1,0 +1,71 @@
+"""Tiny Stable Diffusion parts built in-process (no network), saved as a diffusers folder."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+WORDS = ["a", "photo", "of", "sks", "dog", "solid", "black", "image", "white", "grey", "cat", "dark", "bright"]
+RESOLUTION = 16  # pixels; the 2-block VAE halves it to an 8 x 8 latent
+
+
+def write_tokenizer(folder: Path) -> None:
+    """A CLIP BPE vocabulary made of whole words (no merges needed beyond the characters)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    chars = sorted({c for w in WORDS for c in w})
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    merges = []
+    for w in WORDS:  # merge left to right: "p h" -> "ph", "ph o" -> "pho", ...
+        parts = list(w[:-1]) + [w[-1] + "</w>"]
+        while len(parts) > 1:
+            merges.append(f"{parts[0]} {parts[1]}")
+            parts = [parts[0] + parts[1]] + parts[2:]
+            vocab.setdefault(parts[0], len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+
+
+def build_pipeline_folder(folder: Path, seed: int = 0) -> Path:
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    write_tokenizer(folder / "tokenizer_src")
+    tokenizer = CLIPTokenizer(
+        str(folder / "tokenizer_src" / "vocab.json"), str(folder / "tokenizer_src" / "merges.txt"), model_max_length=77
+    )
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=RESOLUTION // 2, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=8, norm_num_groups=2, attention_head_dim=2,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[4, 8], latent_channels=4, norm_num_groups=2, sample_size=RESOLUTION,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=2,
+        vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    ))
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, clip_sample=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(folder / "model", safe_serialization=True)
+    return folder / "model"
+
+
+def write_images(folder: Path, colours: list[tuple[int, int, int]], size: tuple[int, int] = (20, 16)) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, colour in enumerate(colours):
+        arr = np.clip(np.array(colour)[None, None] + rng.integers(-20, 20, (size[1], size[0], 3)), 0, 255)
+        Image.fromarray(arr.astype(np.uint8)).save(folder / f"img{i}.png")
+    return folder
