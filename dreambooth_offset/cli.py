@@ -16,6 +16,7 @@ from dreambooth_offset.errors import UsageError
 SUBCOMMAND_MODULES = (
     "dreambooth_offset.train",
     "dreambooth_offset.sample",
+    "dreambooth_offset.pretrain",
 )
 
 
