@@ -44,12 +44,16 @@ def trainable_parameters(*models: torch.nn.Module | None) -> list[torch.nn.Param
 
 
 def lora_state_dicts(unet, text_encoder=None) -> tuple[dict, dict | None]:
-    """The adapters' weights in diffusers' LoRA naming, on CPU, fp32, contiguous."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """The adapters' weights with peft's key names (`...to_q.lora_A.weight`), on CPU, fp32.
+
+    Not passed through `convert_state_dict_to_diffusers`: it renames attention keys to the old
+    `lora.down` style but leaves conv keys as `lora_A`, and diffusers' loader cannot read the mix.
+    `load_lora_weights` reads peft-named keys directly.
+    """
     from peft.utils import get_peft_model_state_dict
 
     def collect(model):
-        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+        state = get_peft_model_state_dict(model)
         return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
 
     return collect(unet), (collect(text_encoder) if text_encoder is not None else None)

@@ -25,9 +25,12 @@ CONFIG_NAME = "training_config.json"
 
 @dataclass(frozen=True)
 class TrainResult:
-    steps: int
+    steps: int  # optimizer steps run in this call (after a resume: the remaining ones)
     seconds: float
     lora_path: Path
+    unet: torch.nn.Module  # the trained UNet with its LoRA, unwrapped from accelerate
+    text_encoder: torch.nn.Module  # with LoRA when --train_text_encoder, else the frozen base
+    parts: object  # the loaded SDParts (tokenizer, vae, scheduler ...) for sampling after training
 
 
 def train_step(unet, text_encoder, noise_scheduler, batch: Batch, cfg: RunConfig, generator: torch.Generator) -> Loss:
@@ -106,7 +109,7 @@ def train(cfg: RunConfig) -> TrainResult:
     unet, vae = parts.unet, parts.vae
     text_encoder = parts.text_encoder if cfg.adapter.train_text_encoder else None
     for module in (unet, vae, parts.text_encoder):
-        module.to(accelerator.device, dtype=weight_dtype)
+        module.to(accelerator.device, dtype=None if weight_dtype == torch.float32 else weight_dtype)
     add_adapters(unet, text_encoder, cfg.adapter)
     trained = [m for m in (unet, text_encoder) if m is not None]
     cast_training_params(trained, dtype=torch.float32)  # LoRA weights train in fp32 under fp16/bf16
@@ -175,7 +178,9 @@ def train(cfg: RunConfig) -> TrainResult:
     if accelerator.is_main_process:
         lora_path = save_lora(out, accelerator.unwrap_model(unet), text_encoder and accelerator.unwrap_model(text_encoder))
     accelerator.end_training()
-    result = TrainResult(cfg.train.max_train_steps - first_step, time.time() - started, lora_path)
+    result = TrainResult(cfg.train.max_train_steps - first_step, time.time() - started, lora_path,
+                         accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder or parts.text_encoder),
+                         parts)
     accelerator.print(
         f"trained {result.steps} steps in {result.seconds:.1f} s; LoRA: {result.lora_path}; "
         f"config: {out / CONFIG_NAME}; logs: {out / 'logs'}"
