@@ -19,16 +19,28 @@ class SDParts(NamedTuple):
     noise_scheduler: object
 
 
-def _check_source(name: str) -> None:
+def resolve_model_path(cfg: ModelConfig) -> str:
+    """A local folder as given, or a hub id resolved to its snapshot in the local cache; never the network."""
+    name = cfg.pretrained_model_name_or_path
     if not name:
         raise UsageError("--pretrained_model_name_or_path is required (a diffusers folder or a cached hub id)")
     path = Path(name).expanduser()
-    looks_like_path = path.is_absolute() or name.startswith((".", "~")) or name.count("/") != 1
     if path.exists():
         if not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
             raise UsageError(f"{name} is not a diffusers Stable Diffusion folder (no model_index.json or unet/)")
-    elif looks_like_path:
+        return str(path)
+    if path.is_absolute() or name.startswith((".", "~")) or name.count("/") != 1:
         raise UsageError(f"model folder {name} does not exist")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(name, revision=cfg.revision, local_files_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        raise UsageError(
+            f"{name} is neither a local folder nor in the local hub cache; "
+            "download it once (e.g. `hf download`) or pass a local diffusers folder"
+        ) from None
 
 
 def load_parts(cfg: ModelConfig) -> SDParts:
@@ -36,18 +48,17 @@ def load_parts(cfg: ModelConfig) -> SDParts:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    _check_source(cfg.pretrained_model_name_or_path)
-    common = {"revision": cfg.revision, "local_files_only": True}
+    root = resolve_model_path(cfg)
+    weights = {"local_files_only": True, "variant": cfg.variant}
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="tokenizer", **common)
-        noise_scheduler = DDPMScheduler.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="scheduler", **common)
-        weights = {**common, "variant": cfg.variant}
-        text_encoder = CLIPTextModel.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="text_encoder", **weights)
-        vae = AutoencoderKL.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="vae", **weights)
-        unet = UNet2DConditionModel.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="unet", **weights)
+        tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True)
+        noise_scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **weights)
+        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **weights)
+        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", **weights)
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"cannot load {cfg.pretrained_model_name_or_path} from local files: {first_line}") from None
+        raise UsageError(f"cannot load {cfg.pretrained_model_name_or_path}: {first_line}") from None
     for module in (text_encoder, vae, unet):
         module.requires_grad_(False)
         module.eval()

@@ -75,6 +75,8 @@ def make_accelerator(cfg: RunConfig):
     out = Path(cfg.train.output_dir)
     try:
         return Accelerator(
+            # With no GPU, cpu=True is what lets torchrun/accelerate launch run MULTI_CPU (gloo).
+            cpu=not torch.accelerator.is_available(),
             mixed_precision=cfg.train.mixed_precision,
             gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
             log_with=None if cfg.train.report_to == "none" else cfg.train.report_to,
@@ -196,6 +198,7 @@ def _loggable(flat: dict) -> dict:
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train",
+        allow_abbrev=False,  # `--learning_rat` must be an error, not a silent `--learning_rate`
         help="DreamBooth LoRA fine-tuning with offset noise.",
         description="Defaults < --config TOML file < flags. Writes pytorch_lora_weights.safetensors to --output_dir.",
     )
