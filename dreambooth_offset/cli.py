@@ -17,6 +17,7 @@ SUBCOMMAND_MODULES = (
     "dreambooth_offset.train",
     "dreambooth_offset.sample",
     "dreambooth_offset.pretrain",
+    "dreambooth_offset.webui",
 )
 
 
