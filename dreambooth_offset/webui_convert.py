@@ -221,11 +221,11 @@ def modules_from_kohya(tensors: Mapping[str, torch.Tensor], source) -> Modules:
 
 @functools.lru_cache(maxsize=None)
 def _clip_has_text_model_root() -> bool:
-    """transformers < 5 nests CLIPTextModel's layers under `text_model.`; the trainer's names follow it."""
+    """Older transformers nest CLIPTextModel's layers under `text_model.`; newer ones do not."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     config = CLIPTextConfig(hidden_size=8, intermediate_size=8, num_attention_heads=1, num_hidden_layers=1,
-                            vocab_size=4, max_position_embeddings=4)
+                            max_position_embeddings=4)
     with torch.device("meta"):
         return hasattr(CLIPTextModel(config), "text_model")
 
@@ -244,7 +244,6 @@ def lora_config_kwargs(modules: Mapping[str, LoraModule]) -> dict:
 def save_diffusers_lora(directory: str | Path, modules: Modules) -> Path:
     """Write `pytorch_lora_weights.safetensors` for load_lora_weights, with the alphas in its adapter metadata."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
 
     layers, configs = {}, {}
     for component in ("unet", "text_encoder"):
@@ -253,10 +252,10 @@ def save_diffusers_lora(directory: str | Path, modules: Modules) -> Path:
             mine = {p.removeprefix("text_model."): m for p, m in mine.items()}
         if mine:
             state = {f"{p}.lora_{ab}.weight": t.contiguous() for p, m in mine.items() for ab, t in (("A", m.down), ("B", m.up))}
-            # UNet keys stay in peft naming: diffusers 0.42's load_lora_adapter converts the old
-            # `to_q.lora.down` spelling only when the *first* key lacks `lora_A`, so a mix (which
-            # convert_state_dict_to_diffusers makes when convs are targeted) loses the attention LoRA.
-            layers[component] = state if component == "unet" else convert_state_dict_to_diffusers(state)
+            # peft naming, as the trainer writes it: diffusers 0.42's load_lora_adapter converts the
+            # old `to_q.lora.down` spelling only when the *first* key lacks `lora_A`, so the mix that
+            # convert_state_dict_to_diffusers makes when convs are targeted loses the attention LoRA.
+            layers[component] = state
             configs[component] = lora_config_kwargs(mine)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -18,13 +18,13 @@ RANK, UNET_ALPHA, TEXT_ALPHA = 4, 8, 2  # alpha != rank: the scale diffusers' co
 
 @pytest.fixture(scope="module")
 def peft_ok():
-    """transformers 5.24 asks for peft >= 0.22, which is not released; 0.21's LoRA API is all it uses."""
+    """transformers >= 5.24 asks for peft >= 0.22 (unreleased); 0.21 has all the LoRA API used here."""
     import peft
     import transformers.integrations.peft as tp
     from packaging.version import Version
 
     with pytest.MonkeyPatch.context() as mp:
-        if Version(peft.__version__) < Version(tp.MIN_PEFT_VERSION):
+        if Version(peft.__version__) < Version(getattr(tp, "MIN_PEFT_VERSION", "0")):
             mp.setattr(tp, "check_peft_version", lambda min_version: None)
         yield
 
@@ -38,10 +38,11 @@ def fresh_pipeline(model_dir):
 @pytest.fixture(scope="module")
 def trained(tiny_model, tmp_path_factory, peft_ok):
     """A pipeline with random (non-zero) LoRA on UNet attention + convs and the text encoder,
-    saved as the trainer saves it: diffusers' file with the LoraConfigs in its metadata."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    saved by the trainer's own `save_lora` (diffusers' file, LoraConfigs in its metadata)."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
+
+    from dreambooth_offset.lora import save_lora
 
     torch.manual_seed(0)
     pipe = fresh_pipeline(tiny_model)
@@ -49,14 +50,8 @@ def trained(tiny_model, tmp_path_factory, peft_ok):
     pipe.text_encoder.add_adapter(LoraConfig(r=RANK, lora_alpha=TEXT_ALPHA, target_modules=TEXT_TARGETS,
                                              init_lora_weights=False))
     folder = tmp_path_factory.mktemp("trained")
-    states = [get_peft_model_state_dict(m) for m in (pipe.unet, pipe.text_encoder)]
-    pipe.save_lora_weights(
-        folder, unet_lora_layers=convert_state_dict_to_diffusers(states[0]),
-        text_encoder_lora_layers=convert_state_dict_to_diffusers(states[1]),
-        unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict(),
-        text_encoder_lora_adapter_metadata=pipe.text_encoder.peft_config["default"].to_dict(),
-    )
-    return pipe, folder, states
+    save_lora(folder, pipe.unet, pipe.text_encoder)
+    return pipe, folder, [get_peft_model_state_dict(m) for m in (pipe.unet, pipe.text_encoder)]
 
 
 def outputs(pipe):
@@ -87,10 +82,11 @@ def test_export_loads_in_diffusers_with_the_trained_outputs_and_imports_back(tra
 
     back = tmp_path / "back"
     assert main(["import", str(out), "-o", str(back)]) == 0
-    original, imported = (modules_of(f) for f in (folder, back))
+    original = load_file(folder / webui_convert.DIFFUSERS_FILE)
+    imported = load_file(back / webui_convert.DIFFUSERS_FILE)
     assert original.keys() == imported.keys()
-    assert all(torch.equal(a.down, b.down) and torch.equal(a.up, b.up) and a.alpha == b.alpha
-               for a, b in zip(original.values(), (imported[k] for k in original)))
+    assert all(torch.equal(original[k], imported[k]) for k in original)
+    assert {k: m.alpha for k, m in modules_of(folder).items()} == {k: m.alpha for k, m in modules_of(back).items()}
     reloaded = fresh_pipeline(tiny_model)
     reloaded.load_lora_weights(str(back))
     for got, want in zip(outputs(reloaded), outputs(pipe)):
@@ -101,10 +97,16 @@ def test_export_loads_in_diffusers_with_the_trained_outputs_and_imports_back(tra
 
 
 def test_webui_alpha_is_the_trained_alpha_not_the_rank(trained):
-    from diffusers.utils import convert_state_dict_to_kohya
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
 
     _, folder, (unet_state, _) = trained
-    kohya = webui_convert.modules_to_kohya(modules_of(folder))
+    modules = modules_of(folder)
+    # The older diffusers spelling (`to_q.lora.down`, `lora_linear_layer`) reads the same.
+    config = {"r": RANK, "lora_alpha": UNET_ALPHA}
+    old_style = webui_convert.modules_from_peft(convert_state_dict_to_diffusers(unet_state), "unet", config)
+    assert all(torch.equal(old_style[k].down, modules[k].down) and old_style[k].alpha == modules[k].alpha
+               for k in old_style)
+    kohya = webui_convert.modules_to_kohya(modules)
     conv = "lora_unet_down_blocks_0_resnets_0_conv1.alpha"
     assert kohya[conv].item() == UNET_ALPHA
     assert kohya["lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha"].item() == TEXT_ALPHA
