@@ -2,7 +2,9 @@
 
 The trainer calls two functions (plain values, no config classes):
 
-    metadata = training_metadata(base="sd_v1", rank=4, lora_alpha=8, output_name="sks_dog",
+    base = base_for(unet.config.cross_attention_dim, scheduler.config.prediction_type)
+    # base is None for a UNet unlike SD 1.x/2.x (the tiny test model): skip the WebUI file then.
+    metadata = training_metadata(base=base, rank=4, lora_alpha=8, output_name="sks_dog",
                                  started_at=time.time(), steps=800, learning_rate=1e-4,
                                  optimizer="AdamW", seed=0, resolution=512, mixed_precision="fp16",
                                  noise={"noise_offset": 0.1}, saved_at=time.time())
@@ -10,8 +12,8 @@ The trainer calls two functions (plain values, no config classes):
                            lora_alpha=8, rank=4, metadata=metadata)
 
 `unet_state` / `text_encoder_state` are the adapters' weights as `get_peft_model_state_dict`
-returns them, or after `convert_state_dict_to_diffusers` (the trainer's diffusers-file naming);
-`text_encoder_state` may be None. The WebUI alpha written per module is `scale * rank`, where
+returns them (`lora.lora_state_dicts`), or in diffusers' older `lora.down` / `lora_linear_layer`
+naming; `text_encoder_state` may be None. The WebUI alpha written per module is `scale * rank`, where
 `scale = lora_alpha / rank` is peft's, so every WebUI computes the update the training used.
 
 Commands: `export` (diffusers LoRA -> WebUI file), `import` (WebUI file -> diffusers folder),
@@ -31,7 +33,7 @@ from typing import Mapping
 
 from dreambooth_offset import webui_convert as convert
 from dreambooth_offset.errors import UsageError
-from dreambooth_offset.webui_keys import BASES, a1111_sd_version, key_map_report
+from dreambooth_offset.webui_keys import BASES, a1111_sd_version, base_for, key_map_report  # noqa: F401 (base_for: API)
 
 SIDECAR = "webui_metadata.json"  # the WebUI file's metadata, kept by `import` for a later `export`
 

@@ -197,6 +197,13 @@ def a1111_sd_version(metadata: dict[str, str]) -> str:
     return "SD1" if metadata else "Unknown"
 
 
+def base_for(cross_attention_dim: int, prediction_type: str = "epsilon") -> str | None:
+    """The BASES key for a UNet's `cross_attention_dim` and its scheduler's `prediction_type`, or None."""
+    if cross_attention_dim == 1024:
+        return "sd_v2_v" if prediction_type in ("v_prediction", "v") else "sd_v2"
+    return "sd_v1" if cross_attention_dim == 768 else None
+
+
 def infer_base(cross_attention_dims: Iterable[int]) -> str | None:
     """sd_v1 or sd_v2 from the context width the LoRA's attn2.to_k/to_v (or text encoder) reads."""
     dims = set(cross_attention_dims)

@@ -129,6 +129,7 @@ def test_save_webui_lora_writes_metadata_and_the_a1111_hash(trained, tmp_path):
     assert webui_keys.a1111_sd_version(header) == "SD1"
     assert webui_keys.a1111_sd_version(webui.training_metadata(base="sd_v2", rank=1, lora_alpha=1, output_name="x")) == "SD2"
     assert all(isinstance(v, str) for v in header.values())
+    assert [webui.base_for(768), webui.base_for(1024, "v_prediction"), webui.base_for(8)] == ["sd_v1", "sd_v2_v", None]
     assert len(tensors) == 3 * len(unet_state) // 2  # down, up, alpha per module; no text encoder
 
 
