@@ -8,12 +8,13 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from dreambooth_offset.errors import UsageError
-from dreambooth_offset.lora import LORA_WEIGHT_NAME, save_lora
+from dreambooth_offset.lora import LORA_WEIGHT_NAME
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -70,17 +71,16 @@ def load_trainer_state(directory: Path, generator: torch.Generator, process_inde
 
 
 def register_lora_hooks(accelerator, unet, text_encoder=None) -> None:
-    """Make `accelerator.save_state/load_state` store only the LoRA weights (a few MB, not the
-    whole UNet), in the same file format as the final output."""
+    """Make `accelerator.save_state/load_state` skip the models (the frozen base comes from the
+    pretrained folder) and restore the LoRA from the checkpoint's LoRA file, which
+    `save_checkpoint` writes in the same format as the final output."""
     from diffusers import StableDiffusionPipeline
     from diffusers.training_utils import _set_state_dict_into_text_encoder
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
 
     def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            save_lora(output_dir, accelerator.unwrap_model(unet), text_encoder and accelerator.unwrap_model(text_encoder))
-        weights.clear()  # nothing else: the frozen base comes from the pretrained folder
+        weights.clear()
 
     def load_hook(models, input_dir):
         models.clear()
@@ -94,8 +94,10 @@ def register_lora_hooks(accelerator, unet, text_encoder=None) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, step: int, generator: torch.Generator, keep: int | None) -> Path:
-    """Save everything needed to continue at `step`; returns the finished folder."""
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, generator: torch.Generator, keep: int | None,
+                    save_weights: Callable[[Path], object]) -> Path:
+    """Save everything needed to continue at `step`; `save_weights(folder)` writes the LoRA files
+    (main process only). Returns the finished folder."""
     final = Path(output_dir) / f"checkpoint-{step}"
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
@@ -104,6 +106,8 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, generator: t
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        save_weights(tmp)
     save_trainer_state(tmp, step, generator, accelerator.process_index)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

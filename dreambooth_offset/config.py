@@ -155,6 +155,9 @@ class TrainConfig:
     checkpoints_total_limit: int | None = option(None, "Keep at most this many checkpoints (oldest go first).")
     resume_from_checkpoint: str | None = option(None, "'latest' or a checkpoint folder to resume from.")
     report_to: str = option("tensorboard", "Where to log scalars.", ("tensorboard", "none"))
+    output_name: str | None = option(
+        None, "Name of the WebUI LoRA file <output_name>.safetensors (default: the output folder's name)."
+    )
 
     def __post_init__(self) -> None:
         _check_choices(self)

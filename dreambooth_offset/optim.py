@@ -58,7 +58,11 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, train:
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held in optimizer state tensors (moments, quantisation maps, scales)."""
-    return sum(
-        v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)
-    )
+    """Bytes held in optimizer state tensors (moments, quantisation maps, scales), each storage
+    counted once: bitsandbytes hands every parameter a reference to one shared quantisation map."""
+    storages = {}
+    for state in optimizer.state.values():
+        for v in state.values():
+            if torch.is_tensor(v):
+                storages[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
+    return sum(storages.values())

@@ -202,6 +202,7 @@ def run_validation(accelerator, parts, unet, text_encoder, cfg, step: int) -> di
         parts.noise_scheduler.config,
     )
     pipe.unet.eval()  # no LoRA dropout while sampling; the loop sets train() again
+    pipe.text_encoder.eval()
     seeds = list(range(cfg.train.seed, cfg.train.seed + vcfg.num_validation_images))
     rows, logs = [], {}
     for i, prompt in enumerate(vcfg.validation_prompt):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ class TrainResult:
     unet: torch.nn.Module  # the trained UNet with its LoRA, unwrapped from accelerate
     text_encoder: torch.nn.Module  # with LoRA when --train_text_encoder, else the frozen base
     parts: object  # the loaded SDParts (tokenizer, vae, scheduler ...) for sampling after training
+    steps_per_second: float  # the loop's rate after its first step (setup and warm-up left out)
 
 
 def train_step(unet, text_encoder, noise_scheduler, batch: Batch, cfg: RunConfig, generator: torch.Generator) -> Loss:
@@ -46,6 +48,27 @@ def train_step(unet, text_encoder, noise_scheduler, batch: Batch, cfg: RunConfig
     model_pred = unet(noisy_latents, timesteps, context.to(latents.device)).sample
     target = training_target(noise_scheduler, latents, noise, timesteps)
     return dreambooth_loss(model_pred, target, batch.num_instance, cfg.data.prior_loss_weight)
+
+
+def write_lora_files(directory: Path, unet, text_encoder, cfg: RunConfig, noise_scheduler, step: int,
+                     started_at: float) -> Path:
+    """The diffusers file, plus `<output_name>.safetensors` for the WebUIs when the base is SD 1.x/2.x."""
+    from dreambooth_offset import webui
+    from dreambooth_offset.lora import lora_state_dicts
+
+    path = save_lora(directory, unet, text_encoder)
+    base = webui.base_for(unet.config.cross_attention_dim, noise_scheduler.config.prediction_type)
+    if base is not None:
+        name = cfg.train.output_name or Path(cfg.train.output_dir).resolve().name
+        metadata = webui.training_metadata(
+            base=base, rank=cfg.adapter.rank, lora_alpha=cfg.adapter.alpha, output_name=name, started_at=started_at,
+            saved_at=time.time(), steps=step, learning_rate=cfg.optim.learning_rate, optimizer=cfg.optim.optimizer,
+            seed=cfg.train.seed, resolution=cfg.data.resolution, mixed_precision=cfg.train.mixed_precision,
+            noise=dataclasses.asdict(cfg.noise), base_model_name=cfg.model.pretrained_model_name_or_path,
+        )
+        webui.save_webui_lora(directory / f"{name}.safetensors", *lora_state_dicts(unet, text_encoder),
+                              lora_alpha=cfg.adapter.alpha, rank=cfg.adapter.rank, metadata=metadata)
+    return path
 
 
 def check_inputs(cfg: RunConfig) -> None:
@@ -120,13 +143,19 @@ def train(cfg: RunConfig) -> TrainResult:
         if text_encoder is not None:
             text_encoder.gradient_checkpointing_enable()
 
-    optimizer = make_optimizer(trainable_parameters(*trained), cfg.optim)
+    params = trainable_parameters(*trained)
+    optimizer = make_optimizer(params, cfg.optim)
     lr_scheduler = make_lr_scheduler(optimizer, cfg.optim, cfg.train, accelerator.num_processes)
     if text_encoder is not None:
         unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
     else:
         unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     checkpoint.register_lora_hooks(accelerator, unet, text_encoder)
+
+    def save_weights(folder: Path, step: int) -> Path:
+        return write_lora_files(folder, accelerator.unwrap_model(unet),
+                                text_encoder and accelerator.unwrap_model(text_encoder), cfg, parts.noise_scheduler,
+                                step, started)
 
     batches = BatchSource(images, cfg.data, parts.tokenizer, parts.text_encoder, vae, cfg.adapter.train_text_encoder,
                           cfg.train.seed, accelerator.process_index, accelerator.num_processes)
@@ -144,10 +173,13 @@ def train(cfg: RunConfig) -> TrainResult:
     accum = cfg.train.gradient_accumulation_steps
     bar = tqdm(range(first_step, cfg.train.max_train_steps), initial=first_step, total=cfg.train.max_train_steps,
                desc="train", disable=not accelerator.is_local_main_process)
+    first_done = None
+    trained_models = [m for m in (unet, text_encoder) if m is not None]
+    for model in trained_models:
+        model.train()  # LoRA dropout on; frozen modules have no dropout/batch-norm of their own
     for step in bar:
-        unet.train()
         for micro in range(accum):
-            with accelerator.accumulate(*[m for m in (unet, text_encoder) if m is not None]):
+            with accelerator.accumulate(*trained_models):
                 batch = batches(step * accum + micro, generator)
                 loss = train_step(unet, text_encoder, parts.noise_scheduler, batch, cfg, generator)
                 if not math.isfinite(loss.total.item()):
@@ -158,31 +190,36 @@ def train(cfg: RunConfig) -> TrainResult:
                     )
                 accelerator.backward(loss.total)
                 if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trainable_parameters(unet, text_encoder), cfg.optim.max_grad_norm)
+                    accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
         done = step + 1
+        first_done = first_done or time.perf_counter()
         logs = {"loss": loss.total.item(), "loss_instance": loss.instance.item(), "lr": lr_scheduler.get_last_lr()[0]}
         if loss.prior is not None:
             logs["loss_prior"] = loss.prior.item()
         bar.set_postfix(loss=f"{logs['loss']:.4f}")
         accelerator.log(logs, step=done)
         if cfg.train.checkpointing_steps and done % cfg.train.checkpointing_steps == 0 and done < cfg.train.max_train_steps:
-            checkpoint.save_checkpoint(accelerator, out, done, generator, cfg.train.checkpoints_total_limit)
+            checkpoint.save_checkpoint(accelerator, out, done, generator, cfg.train.checkpoints_total_limit,
+                                       lambda folder: save_weights(folder, done))
         if cfg.validation.validation_prompt and (done % cfg.validation.validation_steps == 0 or done == cfg.train.max_train_steps):
             if accelerator.is_main_process:
                 sample.run_validation(accelerator, parts, unet, text_encoder, cfg, done)
+                for model in trained_models:
+                    model.train()
             accelerator.wait_for_everyone()
 
+    loop_end = time.perf_counter()
     accelerator.wait_for_everyone()
     lora_path = out / "pytorch_lora_weights.safetensors"
     if accelerator.is_main_process:
-        lora_path = save_lora(out, accelerator.unwrap_model(unet), text_encoder and accelerator.unwrap_model(text_encoder))
+        lora_path = save_weights(out, cfg.train.max_train_steps)
     accelerator.end_training()
     result = TrainResult(cfg.train.max_train_steps - first_step, time.time() - started, lora_path,
                          accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder or parts.text_encoder),
-                         parts)
+                         parts, (cfg.train.max_train_steps - first_step - 1) / max(loop_end - first_done, 1e-9))
     accelerator.print(
         f"trained {result.steps} steps in {result.seconds:.1f} s; LoRA: {result.lora_path}; "
         f"config: {out / CONFIG_NAME}; logs: {out / 'logs'}"

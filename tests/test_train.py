@@ -162,3 +162,21 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tiny_model, ins
     ckpts = list(out.glob("checkpoint-*"))
     assert ckpts and all((c / "pytorch_lora_weights.safetensors").is_file() for c in ckpts)
     assert str(sorted(ckpts, key=lambda p: int(p.name.split("-")[1]))[-1]) in err
+
+
+def test_webui_file_written_at_end_and_at_checkpoints(tmp_path, instance_dir):
+    from safetensors import safe_open
+
+    from tests.tiny import build_pipeline_folder
+
+    sd1_shaped = build_pipeline_folder(tmp_path / "sd1", cross_attention_dim=768)
+    out = tmp_path / "my-run"
+    assert main(flags(sd1_shaped, instance_dir, out, max_train_steps=3, checkpointing_steps=2, optimizer="adamw",
+                      noise_offset=0.07)) == 0
+    for path in (out / "my-run.safetensors", out / "checkpoint-2" / "my-run.safetensors"):
+        with safe_open(path, "pt") as f:
+            meta = f.metadata()
+            assert any(k.startswith("lora_unet_") for k in f.keys())
+        assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_noise_offset"] == "0.07"
+    with safe_open(out / "my-run.safetensors", "pt") as f:
+        assert f.metadata()["ss_steps"] == "3"

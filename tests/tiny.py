@@ -31,7 +31,8 @@ def write_tokenizer(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
 
 
-def build_pipeline_folder(folder: Path, seed: int = 0) -> Path:
+def build_pipeline_folder(folder: Path, seed: int = 0, cross_attention_dim: int = 8) -> Path:
+    """cross_attention_dim=768 gives SD 1.x's text width, which the WebUI export recognises."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -43,14 +44,14 @@ def build_pipeline_folder(folder: Path, seed: int = 0) -> Path:
     unet = UNet2DConditionModel(
         block_out_channels=(8, 16), layers_per_block=1, sample_size=RESOLUTION // 2, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=8, norm_num_groups=2, attention_head_dim=2,
+        cross_attention_dim=cross_attention_dim, norm_num_groups=2, attention_head_dim=2,
     )
     vae = AutoencoderKL(
         block_out_channels=[4, 8], latent_channels=4, norm_num_groups=2, sample_size=RESOLUTION,
         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
     )
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=2,
+        hidden_size=cross_attention_dim, intermediate_size=16, num_attention_heads=2, num_hidden_layers=2,
         vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
     ))
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",

@@ -1,0 +1,144 @@
+"""Trainer throughput against a bare loop, and 8-bit optimizer state against fp32.
+
+Prints, for one model, batch and precision:
+- the trainer's steps/s (its own training loop, setup excluded),
+- a bare loop's steps/s: UNet forward + backward + optimizer step on pre-made tensors, the same
+  LoRA, the same optimizer: the limit for this machine,
+- their ratio (goal >= 0.95),
+- optimizer-state bytes of AdamW8bit and AdamW for the same LoRA parameters (goal <= 0.30),
+  on this model and on an SD 1.5-size UNet (built on the meta device; only the LoRA is real).
+
+    python benchmarks/train_throughput.py [--model DIR] [--steps 60] [--batch 4]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from dreambooth_offset.config import AdapterConfig, OptimConfig, load_config
+from dreambooth_offset.lora import add_adapters, trainable_parameters
+from dreambooth_offset.optim import make_optimizer, state_bytes
+from dreambooth_offset.train import train
+
+SHIPPED_BASE = Path(__file__).resolve().parents[1] / "dreambooth_offset" / "assets" / "base"
+
+# SD 1.5's published UNet config (runwayml/stable-diffusion-v1-5, unet/config.json).
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+)
+
+
+def make_instance_dir(folder: Path, size: int) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, colour in enumerate([(200, 40, 40), (30, 30, 30), (220, 220, 210), (40, 120, 200)]):
+        Image.new("RGB", (size, size), colour).save(folder / f"{i}.png")
+    return folder
+
+
+def trainer_rate(model: str, resolution: int, batch: int, steps: int, workdir: Path, optimizer: str) -> float:
+    cfg = load_config(None, {
+        "pretrained_model_name_or_path": model, "instance_data_dir": str(make_instance_dir(workdir / "inst", resolution)),
+        "instance_prompt": "a photo of sks dog", "resolution": resolution, "train_batch_size": batch,
+        "center_crop": True, "max_train_steps": steps, "output_dir": str(workdir / "out"), "report_to": "tensorboard",
+        "optimizer": optimizer,
+    })
+    return train(cfg).steps_per_second
+
+
+def bare_rate(model: str, resolution: int, batch: int, steps: int, optimizer: str) -> float:
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    unet.requires_grad_(False)
+    add_adapters(unet, None, AdapterConfig())
+    opt = make_optimizer(trainable_parameters(unet), OptimConfig(optimizer=optimizer))
+    g = torch.Generator().manual_seed(0)
+    from diffusers import AutoencoderKL
+
+    vae_blocks = len(AutoencoderKL.load_config(model, subfolder="vae")["block_out_channels"])
+    side = resolution // 2 ** (vae_blocks - 1)
+    x = torch.randn(batch, unet.config.in_channels, side, side, generator=g)
+    noise = torch.randn(x.shape, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    ctx = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=g)
+
+    def step():
+        loss = torch.nn.functional.mse_loss(unet(x, t, ctx).sample, noise)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up, as the trainer's rate leaves out its first step
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps / (time.perf_counter() - start)
+
+
+def optimizer_state_ratio(unet) -> tuple[int, int]:
+    """State bytes of AdamW8bit and AdamW after one step on the LoRA parameters of `unet`."""
+    out = []
+    params = [torch.nn.Parameter(torch.zeros(p.shape)) for p in trainable_parameters(unet)]
+    for name in ("adamw8bit", "adamw"):
+        opt = make_optimizer(params, OptimConfig(optimizer=name))
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        out.append(state_bytes(opt))
+    return out[0], out[1]
+
+
+def sd15_lora_unet():
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET)
+        unet.requires_grad_(False)
+        add_adapters(unet, None, AdapterConfig())
+    return unet
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(SHIPPED_BASE), help="diffusers folder (default: the shipped base)")
+    parser.add_argument("--resolution", type=int, default=None, help="default: the model's native size")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--optimizer", default="adamw8bit", choices=("adamw8bit", "adamw"))
+    args = parser.parse_args()
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    unet_cfg = UNet2DConditionModel.load_config(args.model, subfolder="unet")
+    vae_blocks = len(AutoencoderKL.load_config(args.model, subfolder="vae")["block_out_channels"])
+    resolution = args.resolution or unet_cfg["sample_size"] * 2 ** (vae_blocks - 1)
+    print(f"model {args.model}, resolution {resolution}, batch {args.batch}, fp32, {args.optimizer}, "
+          f"{torch.get_num_threads()} threads")
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = trainer_rate(args.model, resolution, args.batch, args.steps, Path(tmp), args.optimizer)
+    bare = bare_rate(args.model, resolution, args.batch, args.steps, args.optimizer)
+    print(f"trainer  {trainer:8.2f} steps/s")
+    print(f"bare     {bare:8.2f} steps/s")
+    print(f"ratio    {trainer / bare:8.3f}   (goal >= 0.95)")
+
+    unet = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet")
+    unet.requires_grad_(False)
+    add_adapters(unet, None, AdapterConfig())
+    for label, model in (("this model", unet), ("SD 1.5 UNet", sd15_lora_unet())):
+        b8, b32 = optimizer_state_ratio(model)
+        n = sum(p.numel() for p in trainable_parameters(model))
+        print(f"optimizer state, {label}, LoRA r4 ({n:,} params): AdamW8bit {b8:,} B, AdamW {b32:,} B, "
+              f"ratio {b8 / b32:.3f}   (goal <= 0.30)")
+
+
+if __name__ == "__main__":
+    main()
