@@ -73,6 +73,7 @@ def build_pipeline(tokenizer, text_encoder, vae, unet, scheduler_config):
 class Samples(NamedTuple):
     images: Tensor  # (N, 3, H, W) in [0, 1], fp32, CPU
     start_latents: Tensor  # (N, C, h, w): the x_T each image started from
+    final_latents: Tensor  # (N, C, h, w): the sampler's x_0, in the UNet's (scaled) latent space
 
 
 def start_latents(pipe, seeds: list[int], height: int, width: int) -> Tensor:
@@ -93,25 +94,32 @@ def generate(
     latents: Tensor | None = None,
     batch_size: int = 8,
 ) -> Samples:
-    """One image per seed (or per given start latent), in batches; returns images and their x_T."""
+    """One image per seed (or per given start latent), in batches; returns images, x_T and x_0.
+
+    The pipeline stops at the latents and the VAE decodes them here, as the pipeline would
+    (`latents / scaling_factor`, then [-1, 1] -> [0, 1]), so the final latents are kept too."""
     height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
     width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
     if latents is None:
         latents = start_latents(pipe, seeds, height, width)
-    images = []
+    images, finals = [], []
+    vae = pipe.vae
     for i in range(0, len(latents), batch_size):
         chunk = latents[i : i + batch_size]
-        out = pipe(
+        final = pipe(
             [prompt] * len(chunk),
             height=height,
             width=width,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             latents=chunk.to(pipe.device, pipe.unet.dtype),
-            output_type="pt",
+            output_type="latent",
         ).images
-        images.append(out.float().cpu())
-    return Samples(torch.cat(images), latents)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        decoded = vae.decode((final / vae.config.scaling_factor + shift).to(vae.dtype)).sample
+        images.append((decoded.float().cpu() / 2 + 0.5).clamp(0, 1))
+        finals.append(final.float().cpu())
+    return Samples(torch.cat(images), latents, torch.cat(finals))
 
 
 def register(subparsers) -> None:
