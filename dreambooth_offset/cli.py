@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES = (
     "dreambooth_offset.sample",
     "dreambooth_offset.pretrain",
     "dreambooth_offset.webui",
+    "dreambooth_offset.experiments",
 )
 
 

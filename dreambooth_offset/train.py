@@ -220,10 +220,9 @@ def train(cfg: RunConfig) -> TrainResult:
     result = TrainResult(cfg.train.max_train_steps - first_step, time.time() - started, lora_path,
                          accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder or parts.text_encoder),
                          parts, (cfg.train.max_train_steps - first_step - 1) / max(loop_end - first_done, 1e-9))
-    accelerator.print(
-        f"trained {result.steps} steps in {result.seconds:.1f} s; LoRA: {result.lora_path}; "
-        f"config: {out / CONFIG_NAME}; logs: {out / 'logs'}"
-    )
+    logs = f"; logs: {out / 'logs'}" if cfg.train.report_to != "none" else ""
+    accelerator.print(f"trained {result.steps} steps in {result.seconds:.1f} s; LoRA: {result.lora_path}; "
+                      f"config: {out / CONFIG_NAME}{logs}")
     return result
 
 

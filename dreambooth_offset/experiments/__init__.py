@@ -1,0 +1,86 @@
+"""Experiments as importable modules; `dreambooth-offset experiment NAME` runs them."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dreambooth_offset.errors import UsageError
+
+SHIPPED_BASE = Path(__file__).resolve().parents[1] / "assets" / "base"
+
+# Fine-tune settings for the shipped base, from the search recorded in docs/base-model.md.
+SHIPPED_TRAIN = {
+    "max_train_steps": 300,
+    "learning_rate": 1e-3,
+    "rank": 8,
+    "train_batch_size": 4,
+    "unet_target_modules": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "conv_out", "time_emb_proj"],
+    "optimizer": "adamw8bit",
+}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("experiment", help="Reproducible experiments (the black-image study).")
+    sub = p.add_subparsers(dest="experiment", required=True, metavar="NAME")
+    b = sub.add_parser(
+        "black-image",
+        allow_abbrev=False,
+        help="Fine-tune on one solid black image without and with offset noise; compare samples.",
+        description="Defaults run on the base model the package ships, on CPU, in minutes.",
+    )
+    b.add_argument("--pretrained_model_name_or_path", default=str(SHIPPED_BASE), help="Base model (default: shipped).")
+    b.add_argument("--output_dir", default="black-image-report", help="Report folder.")
+    b.add_argument("--noise_offset", type=float, nargs="+", default=[0.0, 0.1], help="One run per value.")
+    b.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Training seeds.")
+    b.add_argument("--num_images", type=int, default=8, help="Samples per run and prompt.")
+    b.add_argument("--num_inference_steps", type=int, default=50)
+    b.add_argument("--guidance_scale", type=float, default=None, help="Default: 7.5, or the shipped base's value.")
+    b.add_argument("--sampler", default="ddim", choices=("ddim", "dpm", "euler", "ddpm"))
+    b.add_argument("--prompts", nargs="+", default=None, help="The base's dark / mid / bright prompts.")
+    b.add_argument("--black_prompt", default=None, help="Default: 'A solid black image'.")
+    b.add_argument("--no_mechanism_check", action="store_true", help="Skip sampling the baseline from its leak.")
+    for key in ("resolution", "max_train_steps", "train_batch_size", "rank", "lora_alpha"):
+        b.add_argument(f"--{key}", type=int, default=None)
+    b.add_argument("--learning_rate", type=float, default=None)
+    b.add_argument("--unet_target_modules", nargs="+", default=None)
+    b.add_argument("--optimizer", default=None, choices=("adamw8bit", "adamw"))
+    b.add_argument("--mixed_precision", default=None, choices=("no", "fp16", "bf16"))
+    b.add_argument("--gradient_checkpointing", action="store_true")
+    b.set_defaults(func=run_black_image)
+
+
+def run_black_image(args: argparse.Namespace) -> int:
+    from dreambooth_offset.experiments import black_image as bi
+    from dreambooth_offset.experiments.report import summary_table
+
+    shipped = Path(args.pretrained_model_name_or_path).resolve() == SHIPPED_BASE
+    if shipped and not (SHIPPED_BASE / "model_index.json").is_file():
+        raise UsageError(f"the shipped base is missing from {SHIPPED_BASE}; run `dreambooth-offset pretrain-base`")
+    train = dict(SHIPPED_TRAIN) if shipped else {}
+    for key in ("resolution", "max_train_steps", "train_batch_size", "rank", "lora_alpha", "learning_rate",
+                "unet_target_modules", "optimizer", "mixed_precision"):
+        if getattr(args, key) is not None:
+            train[key] = getattr(args, key)
+    if args.gradient_checkpointing:
+        train["gradient_checkpointing"] = True
+    if args.num_images < 2:
+        raise UsageError("--num_images must be at least 2 (the slope diagnostic fits a line)")
+    prompts = args.prompts
+    if prompts is None:
+        from dreambooth_offset.pretrain import PROFILE_PROMPTS
+
+        prompts = [p for p in PROFILE_PROMPTS if p != bi.BLACK_PROMPT] if shipped else list(bi.GUTTENBERG_PROMPTS)
+    variants = tuple(bi.Variant(f"noise_offset={o:g}", {"noise_offset": o}) for o in args.noise_offset)
+    cfg = bi.ExperimentConfig(
+        model=args.pretrained_model_name_or_path, output_dir=Path(args.output_dir), variants=variants,
+        seeds=tuple(args.seeds), train=train, prompts=tuple(prompts), num_images=args.num_images,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale if args.guidance_scale is not None else 7.5,
+        sampler=args.sampler, mechanism_check=not args.no_mechanism_check,
+        black_prompt=args.black_prompt or bi.BLACK_PROMPT,
+    )
+    results = bi.run_experiment(cfg)
+    print()
+    print(summary_table(results["runs"], cfg.black_prompt))
+    print(f"\nwall time {results['wall_time_s']} s; report: {Path(args.output_dir) / 'report.md'}")
+    return 0

@@ -1,0 +1,196 @@
+"""The black-image experiment (Guttenberg 2023; SCIENCE.md section 5).
+
+DreamBooth-LoRA fine-tune a base on one solid black image, once per variant (by default without
+and with offset noise 0.1) and training seed, identical in everything else; then sample every
+run from the same start noises for the black prompt and the base's dark / mid / bright prompts.
+Every run goes through the real trainer (`dreambooth_offset.train.train`).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from dreambooth_offset.config import load_config
+from dreambooth_offset.experiments import report
+from dreambooth_offset.sample import build_pipeline, generate, start_latents
+
+BLACK_PROMPT = "A solid black image"
+# Guttenberg's prompts (SCIENCE.md section 1), the defaults for a real SD checkpoint.
+GUTTENBERG_PROMPTS = (
+    "A dark alleyway in a rainstorm",
+    "Monochrome line-art logo on a white background",
+    "A snow-covered ski slope on a sunny day",
+    "A town square lit only by torchlight",
+)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named set of training-config overrides; the runs of an experiment differ only in these."""
+
+    name: str
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    model: str
+    output_dir: Path
+    variants: tuple[Variant, ...]
+    seeds: tuple[int, ...]  # training seeds; each variant is trained once per seed
+    train: dict  # trainer config keys shared by every run (steps, lr, rank, targets ...)
+    prompts: tuple[str, ...]  # the base's own prompts, sampled besides the black prompt
+    num_images: int = 8  # samples per (run, prompt), from sampling seeds 0 .. num_images-1
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    sampler: str = "ddim"
+    mechanism_check: bool = True
+    black_prompt: str = BLACK_PROMPT
+
+
+SAMPLERS = {
+    "ddim": "DDIMScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "ddpm": "DDPMScheduler",
+}
+
+
+def make_black_image(folder: Path, resolution: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (resolution, resolution), (0, 0, 0)).save(folder / "black.png")
+    return folder
+
+
+def _pipeline(parts, unet, text_encoder, sampler: str):
+    import diffusers
+
+    pipe = build_pipeline(parts.tokenizer, text_encoder, parts.vae, unet, parts.noise_scheduler.config)
+    pipe.scheduler = getattr(diffusers, SAMPLERS[sampler]).from_config(pipe.scheduler.config)
+    pipe.unet.eval()
+    return pipe
+
+
+def sample_prompts(pipe, cfg: ExperimentConfig, resolution: int, starts: torch.Tensor) -> dict[str, object]:
+    """Samples per prompt (black prompt first) from the given start latents."""
+    out = {}
+    for prompt in (cfg.black_prompt, *cfg.prompts):
+        out[prompt] = generate(pipe, prompt, [], cfg.num_inference_steps, cfg.guidance_scale, resolution, resolution,
+                               latents=starts)
+    return out
+
+
+@torch.no_grad()
+def leak_starts(pipe, instance_dir: Path, cfg: ExperimentConfig, starts: torch.Tensor) -> torch.Tensor:
+    """x_t0 = a_t0 * x0_black + s_t0 * eps at the sampler's first timestep t0: the start a model
+    trained without offset noise saw in training (SCIENCE.md section 4, mechanism check)."""
+    from dreambooth_offset.data import find_images, load_resized
+    from dreambooth_offset.models import latent_distribution
+
+    img = load_resized(find_images(instance_dir, "instance_data_dir"), starts.shape[-1] * pipe.vae_scale_factor)[0]
+    mean, _ = latent_distribution(pipe.vae, (img.float() / 127.5 - 1.0)[None])
+    x0 = (mean.cpu() - (getattr(pipe.vae.config, "shift_factor", None) or 0.0)) * pipe.vae.config.scaling_factor
+    pipe.scheduler.set_timesteps(cfg.num_inference_steps)
+    t0 = pipe.scheduler.timesteps[:1]
+    abar = pipe.scheduler.alphas_cumprod[t0].float()
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * starts
+
+
+def run_experiment(cfg: ExperimentConfig) -> dict:
+    from tqdm.auto import tqdm
+
+    from dreambooth_offset.config import ModelConfig
+    from dreambooth_offset.models import load_parts
+    from dreambooth_offset.train import train
+
+    started = time.time()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base = load_parts(ModelConfig(cfg.model))
+    resolution = int(cfg.train.get("resolution") or base.unet.config.sample_size * 2 ** (len(base.vae.config.block_out_channels) - 1))
+    instance_dir = make_black_image(out / "data" / "instance", resolution)
+    base_pipe = _pipeline(base, base.unet, base.text_encoder, cfg.sampler)
+    starts = start_latents(base_pipe, list(range(cfg.num_images)), resolution, resolution)
+
+    rows, samples = [], {}
+    progress = tqdm(total=1 + len(cfg.variants) * len(cfg.seeds), desc="black-image runs", unit="run")
+    samples["base"] = sample_prompts(base_pipe, cfg, resolution, starts)
+    rows.append({"name": "base", "noise_offset": None, "seed": None, "train_seconds": 0.0})
+    progress.update()
+    for seed in cfg.seeds:
+        for variant in cfg.variants:
+            name = variant.name
+            run_dir = out / "runs" / f"{name}-seed{seed}"
+            values = {"pretrained_model_name_or_path": cfg.model, "instance_data_dir": str(instance_dir),
+                      "instance_prompt": cfg.black_prompt, "resolution": resolution, "center_crop": True,
+                      "output_dir": str(run_dir), "report_to": "none", "seed": seed,
+                      **cfg.train, **variant.overrides}
+            result = train(load_config(None, values))
+            pipe = _pipeline(result.parts, result.unet, result.text_encoder, cfg.sampler)
+            samples[f"{name}-seed{seed}"] = sample_prompts(pipe, cfg, resolution, starts)
+            offset = load_config(None, values).noise.noise_offset
+            rows.append({"name": name, "noise_offset": offset, "seed": seed, "train_seconds": round(result.seconds, 1)})
+            # The leak start is x_t in the VP parametrisation, which the pipeline takes as-is only
+            # when init_noise_sigma is 1 (DDIM, DDPM, DPM-Solver; not Euler's sigma space).
+            if (cfg.mechanism_check and offset == 0 and seed == cfg.seeds[0] and pipe.scheduler.init_noise_sigma == 1
+                    and not variant.overrides.keys() - {"noise_offset"}):
+                leak = leak_starts(pipe, instance_dir, cfg, starts)
+                samples[f"{name}, start from the leak-seed{seed}"] = {
+                    cfg.black_prompt: generate(pipe, cfg.black_prompt, [], cfg.num_inference_steps, cfg.guidance_scale,
+                                               resolution, resolution, latents=leak)}
+                rows.append({"name": f"{name}, start from the leak", "noise_offset": offset, "seed": seed,
+                             "train_seconds": 0.0})
+            progress.update()
+    progress.close()
+
+    for row in rows:
+        key = row["name"] if row["seed"] is None else f"{row['name']}-seed{row['seed']}"
+        row["prompts"] = {p: report.stats_dict(report.prompt_stats(s.images, s.start_latents, s.final_latents))
+                          for p, s in samples[key].items()}
+    results = {
+        "black_prompt": cfg.black_prompt,
+        "wall_time_s": round(time.time() - started, 1),
+        "model": cfg.model,
+        "resolution": resolution,
+        "settings": {"train": cfg.train, "seeds": list(cfg.seeds), "num_images": cfg.num_images,
+                     "num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale,
+                     "sampler": cfg.sampler, "variants": {v.name: v.overrides for v in cfg.variants}},
+        "a_T": float(base.noise_scheduler.alphas_cumprod[-1].sqrt()),
+        "runs": rows,
+    }
+    write_report(out, cfg, results, samples)
+    return results
+
+
+def write_report(out: Path, cfg: ExperimentConfig, results: dict, samples: dict) -> None:
+    prompts = [cfg.black_prompt, *cfg.prompts]
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    for i, prompt in enumerate(prompts):
+        rows = [(key, s[prompt].images) for key, s in samples.items() if prompt in s]
+        report.save_grid(out / f"grid-{i}.png", rows)
+    black = [(key, s[cfg.black_prompt].images) for key, s in samples.items()]
+    report.save_histogram(out / "histogram.png", black, f"'{cfg.black_prompt}': pixel luminance per run")
+    a_t = results["a_T"]
+    lines = [
+        "# Black-image experiment", "",
+        f"Base: `{results['model']}` at {results['resolution']} px. Wall time: {results['wall_time_s']} s.",
+        f"Training seeds {list(cfg.seeds)}; {cfg.num_images} samples per prompt from sampling seeds "
+        f"0..{cfg.num_images - 1}; {cfg.sampler} sampler, {cfg.num_inference_steps} steps, guidance {cfg.guidance_scale}.",
+        f"Shared training settings: `{json.dumps(cfg.train)}`.",
+        "Variants: " + "; ".join(f"**{v.name}** `{json.dumps(v.overrides)}`" for v in cfg.variants) + ".", "",
+        "## Black prompt, per variant", "", report.summary_table(results["runs"], cfg.black_prompt), "",
+        "## Every run and prompt", "",
+        f"Slope: least-squares slope of the sampled latents' channel means on the start noise's channel means; "
+        f"a model that cannot move the mean shows about 1/a_T = {1 / a_t:.1f}, one that learned it about 0.", "",
+        report.markdown_table(results["runs"], prompts), "",
+        "## Images", "",
+        "Rows, top to bottom: " + ", ".join(samples) + ". Columns: sampling seeds.", "",
+    ]
+    lines += [f"**{p}**\n\n![{p}](grid-{i}.png)\n" for i, p in enumerate(prompts)]
+    lines += ["![luminance histogram](histogram.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))

@@ -1,0 +1,110 @@
+"""Statistics, tables, grids and plots of the black-image experiment. Pure where possible."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from dreambooth_offset.sample import DARK_THRESHOLD, dark_fraction, luminance, make_grid, mean_luminance, to_pil
+
+
+def fit_line(x: Tensor, y: Tensor) -> tuple[float, float]:
+    """Least-squares slope of y on x and the R^2 of that fit (0 when y or x is constant)."""
+    x, y = x.double().flatten(), y.double().flatten()
+    dx, dy = x - x.mean(), y - y.mean()
+    sxx, syy, sxy = (dx * dx).sum(), (dy * dy).sum(), (dx * dy).sum()
+    if sxx == 0:
+        return 0.0, 0.0
+    slope = sxy / sxx
+    r2 = (sxy * sxy / (sxx * syy)) if syy > 0 else torch.tensor(0.0)
+    return float(slope), float(r2)
+
+
+@dataclass(frozen=True)
+class PromptStats:
+    mean_luminance: float  # over the images of one run and prompt
+    std: float  # of the per-image mean luminance, across sampling seeds
+    dark_fraction: float  # mean fraction of pixels with luminance < 0.05
+    slope: float  # of the output latents' channel means on the start noise's channel means
+    r2: float
+
+
+def prompt_stats(images: Tensor, start_latents: Tensor, final_latents: Tensor) -> PromptStats:
+    """SCIENCE.md section 4: a model that cannot move the mean shows slope ~ 1/a_T and high R^2
+    (the output mean is read off x_T); one that learned the brightness shows a slope near 0."""
+    lum = mean_luminance(images)
+    slope, r2 = fit_line(start_latents.mean(dim=(2, 3)), final_latents.mean(dim=(2, 3)))
+    return PromptStats(
+        mean_luminance=float(lum.mean()),
+        std=float(lum.std(unbiased=False)),
+        dark_fraction=float(dark_fraction(images).mean()),
+        slope=slope,
+        r2=r2,
+    )
+
+
+def stats_dict(stats: PromptStats) -> dict[str, float]:
+    return {k: round(v, 4) for k, v in asdict(stats).items()}
+
+
+def markdown_table(rows: list[dict], prompts: list[str]) -> str:
+    """One line per (run, prompt): the figures of results.json, readable."""
+    lines = [
+        "| run | train seed | prompt | mean luminance +- std | pixels < 0.05 | slope | R^2 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        for prompt in prompts:
+            s = row["prompts"].get(prompt)
+            if s is None:
+                continue
+            lines.append(
+                f"| {row['name']} | {row['seed'] if row['seed'] is not None else '-'} | {prompt} | "
+                f"{s['mean_luminance']:.3f} +- {s['std']:.3f} | {s['dark_fraction']:.1%} | "
+                f"{s['slope']:.2f} | {s['r2']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
+def summary_table(rows: list[dict], black_prompt: str) -> str:
+    """Black-prompt luminance per run name, averaged over training seeds (mean +- std over seeds)."""
+    by_name: dict[str, list[float]] = {}
+    for row in rows:
+        if black_prompt in row["prompts"]:
+            by_name.setdefault(row["name"], []).append(row["prompts"][black_prompt]["mean_luminance"])
+    lines = [f"| run | '{black_prompt}': mean luminance over training seeds | seeds |", "|---|---|---|"]
+    for name, values in by_name.items():
+        t = torch.tensor(values)
+        spread = f" +- {t.std(unbiased=False):.3f}" if len(values) > 1 else ""
+        lines.append(f"| {name} | {t.mean():.3f}{spread} | {len(values)} |")
+    return "\n".join(lines)
+
+
+def save_grid(path: Path, labelled_rows: list[tuple[str, Tensor]]) -> None:
+    """One row of images per run, the same sampling seeds in each column."""
+    images = [img for _, batch in labelled_rows for img in to_pil(batch)]
+    make_grid(images, cols=len(labelled_rows[0][1])).save(path)
+
+
+def save_histogram(path: Path, labelled: list[tuple[str, Tensor]], title: str) -> None:
+    """Pixel-luminance histograms, one line per run, for one prompt."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = torch.linspace(0, 1, 51)
+    for label, images in labelled:
+        counts = torch.histc(luminance(images).flatten(), bins=50, min=0.0, max=1.0)
+        ax.step(bins[:-1].numpy(), (counts / counts.sum()).numpy(), where="post", label=label)
+    ax.axvline(DARK_THRESHOLD, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("pixel luminance (Rec. 709)")
+    ax.set_ylabel("fraction of pixels")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
