@@ -53,7 +53,7 @@ def lora_state_dicts(unet, text_encoder=None) -> tuple[dict, dict | None]:
     from peft.utils import get_peft_model_state_dict
 
     def collect(model):
-        state = get_peft_model_state_dict(model)
+        state = get_peft_model_state_dict(model, save_embedding_layers=False)  # LoRA only, never embeddings
         return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
 
     return collect(unet), (collect(text_encoder) if text_encoder is not None else None)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -10,15 +9,15 @@ from pathlib import Path
 
 import torch
 
-from dreambooth_offset import checkpoint, config
+from dreambooth_offset import checkpoint, config, noise_auto
 from dreambooth_offset.batches import Batch, BatchSource
 from dreambooth_offset.config import RunConfig
 from dreambooth_offset.data import find_images, load_resized
 from dreambooth_offset.errors import TrainingDiverged, UsageError
 from dreambooth_offset.lora import add_adapters, save_lora, trainable_parameters
 from dreambooth_offset.models import encode_prompts, load_parts
-from dreambooth_offset.noise import sample_noise
-from dreambooth_offset.objective import Loss, dreambooth_loss, training_target
+from dreambooth_offset.noise import perturb_input_noise, sample_noise, training_progress
+from dreambooth_offset.objective import Loss, dreambooth_loss, huber_threshold, min_snr_weights, training_target
 from dreambooth_offset.optim import make_lr_scheduler, make_optimizer
 
 CONFIG_NAME = "training_config.json"
@@ -33,26 +32,37 @@ class TrainResult:
     text_encoder: torch.nn.Module  # with LoRA when --train_text_encoder, else the frozen base
     parts: object  # the loaded SDParts (tokenizer, vae, scheduler ...) for sampling after training
     steps_per_second: float  # the loop's rate after its first step (setup and warm-up left out)
+    config: RunConfig | None = None  # the run's config as saved: noise_offset 'auto' resolved to its value
 
 
-def train_step(unet, text_encoder, noise_scheduler, batch: Batch, cfg: RunConfig, generator: torch.Generator) -> Loss:
-    """Noise the latents at random timesteps and regress the UNet on the scheduler's target."""
+def train_step(unet, text_encoder, noise_scheduler, batch: Batch, cfg: RunConfig, generator: torch.Generator,
+               step: int = 0) -> Loss:
+    """Noise the latents at random timesteps and regress the UNet on the scheduler's target.
+
+    `step` (0-based optimizer step) drives noise_offset_schedule. Input perturbation changes the
+    UNet's input only; the target is built from the clean `noise`."""
     latents = batch.latents
-    noise = sample_noise(latents, cfg.noise, generator)
+    noise = sample_noise(latents, cfg.noise, generator, training_progress(step, cfg.train.max_train_steps))
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
     timesteps = timesteps.to(latents.device)
-    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    noisy_latents = noise_scheduler.add_noise(latents, perturb_input_noise(noise, cfg.noise, generator), timesteps)
     context = batch.encoder_hidden_states
     if context is None:
         context = encode_prompts(text_encoder, batch.input_ids)
     model_pred = unet(noisy_latents, timesteps, context.to(latents.device)).sample
     target = training_target(noise_scheduler, latents, noise, timesteps)
-    return dreambooth_loss(model_pred, target, batch.num_instance, cfg.data.prior_loss_weight)
+    weights = min_snr_weights(noise_scheduler, timesteps, cfg.loss.snr_gamma) if cfg.loss.snr_gamma else None
+    huber_c = huber_threshold(noise_scheduler, timesteps, cfg.loss) if cfg.loss.loss_type != "l2" else None
+    return dreambooth_loss(model_pred, target, batch.num_instance, cfg.data.prior_loss_weight, weights,
+                           cfg.loss.loss_type, huber_c)
 
 
 def write_lora_files(directory: Path, unet, text_encoder, cfg: RunConfig, noise_scheduler, step: int,
-                     started_at: float) -> Path:
-    """The diffusers file, plus `<output_name>.safetensors` for the WebUIs when the base is SD 1.x/2.x."""
+                     started_at: float, extra_metadata: dict | None = None) -> Path:
+    """The diffusers file, plus `<output_name>.safetensors` for the WebUIs when the base is SD 1.x/2.x.
+
+    Its metadata holds every noise and loss setting (`config.training_settings`, kohya's `ss_*`
+    names where kohya has one) plus `extra_metadata` (e.g. the noise_offset auto record)."""
     from dreambooth_offset import webui
     from dreambooth_offset.lora import lora_state_dicts
 
@@ -64,7 +74,9 @@ def write_lora_files(directory: Path, unet, text_encoder, cfg: RunConfig, noise_
             base=base, rank=cfg.adapter.rank, lora_alpha=cfg.adapter.alpha, output_name=name, started_at=started_at,
             saved_at=time.time(), steps=step, learning_rate=cfg.optim.learning_rate, optimizer=cfg.optim.optimizer,
             seed=cfg.train.seed, resolution=cfg.data.resolution, mixed_precision=cfg.train.mixed_precision,
-            noise=dataclasses.asdict(cfg.noise), base_model_name=cfg.model.pretrained_model_name_or_path,
+            noise={**config.training_settings(cfg), "prediction_type": noise_scheduler.config.prediction_type,
+                   **(extra_metadata or {})},
+            base_model_name=cfg.model.pretrained_model_name_or_path,
         )
         webui.save_webui_lora(directory / f"{name}.safetensors", *lora_state_dicts(unet, text_encoder),
                               lora_alpha=cfg.adapter.alpha, rank=cfg.adapter.rank, metadata=metadata)
@@ -93,9 +105,14 @@ def check_inputs(cfg: RunConfig) -> None:
 
 def make_accelerator(cfg: RunConfig):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration
 
     out = Path(cfg.train.output_dir)
+    # accelerate keeps its state (mixed precision ...) per process; a second train() in the same
+    # process (the experiment, tests) must be free to choose another precision. The process
+    # group (PartialState) stays.
+    AcceleratorState._reset_state()
     try:
         return Accelerator(
             # With no GPU, cpu=True is what lets torchrun/accelerate launch run MULTI_CPU (gloo).
@@ -124,7 +141,7 @@ def train(cfg: RunConfig) -> TrainResult:
     # The run's generator: noise, timesteps, posterior draws, crops and flips. One per process.
     generator = torch.Generator().manual_seed(cfg.train.seed + 1_000_003 * accelerator.process_index)
 
-    parts = load_parts(cfg.model)
+    parts = load_parts(cfg.model, cfg.noise.zero_terminal_snr, cfg.loss.prediction_type)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.mixed_precision]
     images = {"instance": load_resized(find_images(cfg.data.instance_data_dir, "instance_data_dir"), cfg.data.resolution)}
     if cfg.data.with_prior_preservation:
@@ -135,6 +152,11 @@ def train(cfg: RunConfig) -> TrainResult:
     text_encoder = parts.text_encoder if cfg.adapter.train_text_encoder else None
     for module in (unet, vae, parts.text_encoder):
         module.to(accelerator.device, dtype=None if weight_dtype == torch.float32 else weight_dtype)
+    cfg, auto, channel_means = noise_auto.resolve_auto_offset(cfg, vae, parts.noise_scheduler, images)
+    if auto is not None:
+        accelerator.print(noise_auto.describe(auto))
+        if accelerator.is_main_process:
+            noise_auto.write_record(out / noise_auto.RECORD_NAME, auto, channel_means)
     add_adapters(unet, text_encoder, cfg.adapter)
     trained = [m for m in (unet, text_encoder) if m is not None]
     cast_training_params(trained, dtype=torch.float32)  # LoRA weights train in fp32 under fp16/bf16
@@ -155,7 +177,7 @@ def train(cfg: RunConfig) -> TrainResult:
     def save_weights(folder: Path, step: int) -> Path:
         return write_lora_files(folder, accelerator.unwrap_model(unet),
                                 text_encoder and accelerator.unwrap_model(text_encoder), cfg, parts.noise_scheduler,
-                                step, started)
+                                step, started, noise_auto.metadata(auto))
 
     batches = BatchSource(images, cfg.data, parts.tokenizer, parts.text_encoder, vae, cfg.adapter.train_text_encoder,
                           cfg.train.seed, accelerator.process_index, accelerator.num_processes)
@@ -181,7 +203,7 @@ def train(cfg: RunConfig) -> TrainResult:
         for micro in range(accum):
             with accelerator.accumulate(*trained_models):
                 batch = batches(step * accum + micro, generator)
-                loss = train_step(unet, text_encoder, parts.noise_scheduler, batch, cfg, generator)
+                loss = train_step(unet, text_encoder, parts.noise_scheduler, batch, cfg, generator, step)
                 if not math.isfinite(loss.total.item()):
                     last = checkpoint.list_checkpoints(out)
                     raise TrainingDiverged(
@@ -219,7 +241,7 @@ def train(cfg: RunConfig) -> TrainResult:
     accelerator.end_training()
     result = TrainResult(cfg.train.max_train_steps - first_step, time.time() - started, lora_path,
                          accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder or parts.text_encoder),
-                         parts, (cfg.train.max_train_steps - first_step - 1) / max(loop_end - first_done, 1e-9))
+                         parts, (cfg.train.max_train_steps - first_step - 1) / max(loop_end - first_done, 1e-9), cfg)
     logs = f"; logs: {out / 'logs'}" if cfg.train.report_to != "none" else ""
     accelerator.print(f"trained {result.steps} steps in {result.seconds:.1f} s; LoRA: {result.lora_path}; "
                       f"config: {out / CONFIG_NAME}{logs}")

@@ -180,3 +180,23 @@ def test_webui_file_written_at_end_and_at_checkpoints(tmp_path, instance_dir):
         assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_noise_offset"] == "0.07"
     with safe_open(out / "my-run.safetensors", "pt") as f:
         assert f.metadata()["ss_steps"] == "3"
+
+
+def test_bf16_with_gradient_checkpointing_keeps_lora_fp32(tiny_model, instance_dir, tmp_path):
+    result = train(overrides(tiny_model, instance_dir, tmp_path / "out", mixed_precision="bf16",
+                             gradient_checkpointing=True, train_text_encoder=True, max_train_steps=2))
+    lora = {n: p for n, p in result.unet.named_parameters() if "lora_" in n}
+    frozen = [p for n, p in result.unet.named_parameters() if "lora_" not in n]
+    assert lora and all(p.dtype == torch.float32 and p.requires_grad for p in lora.values())
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in frozen)
+    assert {v.dtype for v in load_file(result.lora_path).values()} == {torch.float32}
+
+
+def test_missing_bitsandbytes_stops_and_names_adamw(tiny_model, instance_dir, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` raise ImportError
+    code = main(flags(tiny_model, instance_dir, tmp_path / "out", optimizer="adamw8bit"))
+    err = capsys.readouterr().err
+    assert code == 2 and "--optimizer adamw" in err and "bitsandbytes" in err
+    assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
