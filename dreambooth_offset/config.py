@@ -19,17 +19,20 @@ from typing import Any
 from dreambooth_offset.errors import UsageError
 
 
-def option(default: Any, help: str, choices: tuple | None = None) -> Any:
-    """A config field: its default, its help text and, optionally, the values it accepts."""
+def option(default: Any, help: str, choices: tuple | None = None, words: tuple[str, ...] = ()) -> Any:
+    """A config field: its default, its help text and, optionally, the values it accepts.
+
+    `words`: strings a numeric key also accepts in place of a number (`noise_offset = "auto"`)."""
+    metadata = {"help": help, "choices": choices, "words": words}
     if isinstance(default, (list, tuple)):
-        return field(default=tuple(default), metadata={"help": help, "choices": choices})
-    return field(default=default, metadata={"help": help, "choices": choices})
+        return field(default=tuple(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def _check_choices(cfg: Any) -> None:
     for f in dataclasses.fields(cfg):
         value, choices = getattr(cfg, f.name), f.metadata.get("choices")
-        if choices and value not in choices:
+        if choices and value is not None and value not in choices:
             raise UsageError(f"{f.name} = {value!r} is not one of {', '.join(map(str, choices))}")
 
 
@@ -77,16 +80,135 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class NoiseConfig:
-    noise_offset: float = option(
+    """How the training noise is drawn (noise.py). Formulas and sources: docs/noise-options.md."""
+
+    noise_offset: float | str = option(
         0.1,
         "Offset-noise strength o: one N(0, o^2) shift per (sample, channel) added to the noise "
-        "(Guttenberg 2023). 0 disables it.",
+        "(Guttenberg 2023). 0 disables it. 'auto': the smallest o that closes the train/inference "
+        "brightness gap of the training images (written to noise_offset_auto.json).",
+        words=("auto",),
+    )
+    noise_offset_random_strength: bool = option(
+        False, "Scale the offset by U(0, 1), drawn once per batch (kohya --noise_offset_random_strength)."
+    )
+    adaptive_noise_scale: float | None = option(
+        None,
+        "Per (sample, channel) offset o + k * |mean latent|, clamped at 0 (kohya --adaptive_noise_scale k). "
+        "Needs noise_offset > 0.",
+    )
+    noise_offset_probability: float = option(
+        1.0, "Apply the offset to a batch with this probability (SimpleTuner --noise_offset_probability)."
+    )
+    noise_offset_variance_preserving: bool = option(
+        False, "Divide offset noise by sqrt(1 + o^2) so every pixel's noise keeps variance 1."
+    )
+    noise_offset_schedule: str = option(
+        "constant",
+        "How the offset changes over the training steps: from noise_offset to noise_offset_end.",
+        ("constant", "linear", "cosine"),
+    )
+    noise_offset_end: float | None = option(None, "Offset at the last step of a linear or cosine noise_offset_schedule.")
+    multires_noise_iterations: int | None = option(
+        None,
+        "Pyramid (multi-resolution) noise levels (Whitaker 2023; kohya --multires_noise_iterations, 6-10); "
+        "unset or 0 disables it. Needs --noise_offset 0.",
+    )
+    multires_noise_discount: float = option(
+        0.3, "Weight discount^i of pyramid level i (kohya --multires_noise_discount)."
+    )
+    ip_noise_gamma: float | None = option(
+        None,
+        "Input perturbation g (Ning et al. 2023; kohya --ip_noise_gamma, ~0.1): the UNet input gets "
+        "noise + g * randn, the target stays the noise.",
+    )
+    ip_noise_gamma_random_strength: bool = option(
+        False, "Scale ip_noise_gamma by U(0, 1), drawn once per batch (kohya --ip_noise_gamma_random_strength)."
+    )
+    zero_terminal_snr: bool = option(
+        False,
+        "Rescale the betas so the last timestep is pure noise (Lin et al. 2023); needs --prediction_type "
+        "v_prediction. Validation then samples with 'trailing' spacing and guidance_rescale.",
     )
 
     def __post_init__(self) -> None:
         _check_choices(self)
-        if self.noise_offset < 0:
-            raise UsageError(f"noise_offset = {self.noise_offset}: it must be >= 0")
+        offset = self.noise_offset
+        if isinstance(offset, str):
+            if offset != "auto":
+                raise UsageError(f"noise_offset = {offset!r}: give a number >= 0 or 'auto'")
+        elif offset < 0:
+            raise UsageError(f"noise_offset = {offset}: it must be >= 0")
+        for key in ("noise_offset_end", "ip_noise_gamma"):
+            value = getattr(self, key)
+            if value is not None and value < 0:
+                raise UsageError(f"{key} = {value}: it must be >= 0")
+        if not 0.0 <= self.noise_offset_probability <= 1.0:
+            raise UsageError(f"noise_offset_probability = {self.noise_offset_probability}: it must be in [0, 1]")
+        if (self.multires_noise_iterations or 0) < 0:
+            raise UsageError(f"multires_noise_iterations = {self.multires_noise_iterations}: it must be >= 0")
+        if not 0.0 < self.multires_noise_discount <= 1.0:
+            raise UsageError(f"multires_noise_discount = {self.multires_noise_discount}: it must be in (0, 1]")
+        scheduled = self.noise_offset_schedule != "constant"
+        if scheduled and self.noise_offset_end is None:
+            raise UsageError(f"noise_offset_schedule = {self.noise_offset_schedule!r} needs noise_offset_end "
+                             "(the offset at the last step)")
+        if not scheduled and self.noise_offset_end is not None:
+            raise UsageError("noise_offset_end is set but noise_offset_schedule is 'constant': "
+                             "choose --noise_offset_schedule linear or cosine, or drop noise_offset_end")
+        if self.multires_noise_iterations and self.offset_used:
+            raise UsageError(
+                f"multires_noise_iterations = {self.multires_noise_iterations} with noise_offset = {offset!r}: "
+                "pyramid noise replaces offset noise (kohya refuses the pair too). The default noise_offset is "
+                "0.1, so pass --noise_offset 0 explicitly to use pyramid noise"
+            )
+        if not self.offset_used:
+            needs = {"noise_offset_random_strength": self.noise_offset_random_strength,
+                     "adaptive_noise_scale": self.adaptive_noise_scale is not None,
+                     "noise_offset_probability": self.noise_offset_probability != 1.0,
+                     "noise_offset_variance_preserving": self.noise_offset_variance_preserving}
+            for key, given in needs.items():
+                if given:
+                    raise UsageError(f"{key} modifies the offset noise, but noise_offset = 0: "
+                                     "set noise_offset > 0 (or 'auto'), or drop it")
+        if self.ip_noise_gamma_random_strength and not self.ip_noise_gamma:
+            raise UsageError("ip_noise_gamma_random_strength needs ip_noise_gamma > 0 (e.g. --ip_noise_gamma 0.1)")
+
+    @property
+    def offset_used(self) -> bool:
+        """Whether any step of the run draws offset noise."""
+        return self.noise_offset == "auto" or self.noise_offset > 0 or bool(self.noise_offset_end)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """What the UNet regresses on and how the error is weighted (objective.py)."""
+
+    prediction_type: str | None = option(
+        None,
+        "Override the model scheduler's prediction type (default: the model's own).",
+        ("epsilon", "v_prediction"),
+    )
+    snr_gamma: float | None = option(
+        None,
+        "Min-SNR-gamma loss weighting (Hang et al. 2023; diffusers --snr_gamma, kohya --min_snr_gamma), "
+        "e.g. 5: weight min(SNR, g)/SNR for epsilon, min(SNR, g)/(SNR + 1) for v-prediction.",
+    )
+    loss_type: str = option("l2", "Per-element loss (kohya --loss_type).", ("l2", "huber", "smooth_l1"))
+    huber_schedule: str = option(
+        "snr", "How the Huber threshold c varies with the timestep (kohya --huber_schedule).",
+        ("constant", "exponential", "snr"),
+    )
+    huber_c: float = option(0.1, "Huber threshold c for loss_type huber / smooth_l1 (kohya --huber_c).")
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise UsageError(f"snr_gamma = {self.snr_gamma}: it must be > 0 (5 is the paper's value)")
+        if self.huber_c <= 0:
+            raise UsageError(f"huber_c = {self.huber_c}: it must be > 0")
+        if self.huber_schedule != "constant" and self.huber_c > 1:
+            raise UsageError(f"huber_c = {self.huber_c}: with huber_schedule {self.huber_schedule!r} it must be in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -176,11 +298,18 @@ class ValidationConfig:
     validation_steps: int = option(100, "Sample every N steps (and at the end) when a prompt is set.")
     num_inference_steps: int = option(25, "Sampler steps for validation and class images.")
     guidance_scale: float = option(7.5, "Classifier-free guidance scale for validation and class images.")
+    guidance_rescale: float | None = option(
+        None,
+        "CFG rescale phi for validation samples (Lin et al. 2023, sec. 3.4); default 0.7 with "
+        "zero_terminal_snr, else 0.",
+    )
 
     def __post_init__(self) -> None:
         _check_choices(self)
         if self.num_validation_images < 1 or self.validation_steps < 1 or self.num_inference_steps < 1:
             raise UsageError("num_validation_images, validation_steps and num_inference_steps must be >= 1")
+        if self.guidance_rescale is not None and not 0.0 <= self.guidance_rescale <= 1.0:
+            raise UsageError(f"guidance_rescale = {self.guidance_rescale}: it must be in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -188,10 +317,20 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+    def __post_init__(self) -> None:
+        if self.noise.zero_terminal_snr and self.loss.prediction_type != "v_prediction":
+            raise UsageError(
+                f"zero_terminal_snr needs prediction_type = 'v_prediction' (got {self.loss.prediction_type!r}): "
+                "at the last timestep the input is pure noise, so an epsilon target equals the input and teaches "
+                "nothing, and the sampler's x0 = (x_T - s_T * eps) / a_T divides by a_T = 0 (Lin et al. 2023). "
+                "Pass --prediction_type v_prediction"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The flat key -> value mapping, the same keys a TOML file or the command line take."""
@@ -203,6 +342,17 @@ class RunConfig:
 
     def save_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+# kohya's sd-scripts metadata names (`ss_<name>`) where they differ from our keys.
+KOHYA_NAMES = {"snr_gamma": "min_snr_gamma"}
+
+
+def training_settings(cfg: RunConfig) -> dict[str, Any]:
+    """Every noise and loss setting of a run, under kohya's metadata name where kohya has one
+    (`min_snr_gamma` for `snr_gamma`); the WebUI file writes each as `ss_<name>`."""
+    settings = {**dataclasses.asdict(cfg.noise), **dataclasses.asdict(cfg.loss)}
+    return {KOHYA_NAMES.get(k, k): v for k, v in settings.items()}
 
 
 SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(RunConfig)[f.name] for f in dataclasses.fields(RunConfig)}
@@ -243,6 +393,11 @@ def _coerce(key: str, value: Any) -> Any:
     base, is_seq = _base_type(tp)
     if value is None:
         return None
+    words = f.metadata.get("words") or ()
+    if words and isinstance(value, str):
+        if value not in words:
+            raise UsageError(f"{key} must be {base.__name__} or {' or '.join(map(repr, words))}, got {value!r}")
+        return value
     if is_seq:
         values = [value] if isinstance(value, str) else value
         if not isinstance(values, list) or not all(isinstance(v, base) for v in values):
@@ -253,6 +408,19 @@ def _coerce(key: str, value: Any) -> Any:
     if not isinstance(value, base) or (base is int and isinstance(value, bool)):
         raise UsageError(f"{key} must be {base.__name__}, got {value!r}")
     return value
+
+
+def _number_or_words(base: type, words: tuple[str, ...]):
+    """An argparse type: a `base` number, or one of `words` (e.g. `--noise_offset auto`)."""
+    def parse(text: str) -> Any:
+        if text in words:
+            return text
+        try:
+            return base(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number or {' or '.join(words)}, got {text!r}") from None
+    parse.__name__ = f"{base.__name__} or {'/'.join(words)}"
+    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -266,7 +434,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             if base is bool:
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
-                kwargs["type"] = base
+                kwargs["type"] = _number_or_words(base, f.metadata["words"]) if f.metadata.get("words") else base
                 kwargs["nargs"] = "+" if is_seq else None
                 kwargs["choices"] = f.metadata.get("choices")
             group.add_argument(f"--{key}", **kwargs)
