@@ -43,8 +43,25 @@ def resolve_model_path(cfg: ModelConfig) -> str:
         ) from None
 
 
-def load_parts(cfg: ModelConfig) -> SDParts:
-    """Tokenizer, text encoder, VAE, UNet and the DDPM training scheduler, from local files only."""
+def training_scheduler(scheduler_config, zero_terminal_snr: bool = False, prediction_type: str | None = None):
+    """A DDPMScheduler from a scheduler config, with the betas rescaled to zero terminal SNR
+    (Lin et al. 2023, diffusers' `rescale_betas_zero_snr`) and/or another `prediction_type`.
+
+    The overrides land in the scheduler's config, so samplers built `from_config` inherit them."""
+    from diffusers import DDPMScheduler
+
+    overrides: dict[str, object] = {}
+    if zero_terminal_snr:
+        overrides["rescale_betas_zero_snr"] = True
+    if prediction_type is not None:
+        overrides["prediction_type"] = prediction_type
+    return DDPMScheduler.from_config(scheduler_config, **overrides)
+
+
+def load_parts(cfg: ModelConfig, zero_terminal_snr: bool = False, prediction_type: str | None = None) -> SDParts:
+    """Tokenizer, text encoder, VAE, UNet and the DDPM training scheduler, from local files only.
+
+    `zero_terminal_snr` / `prediction_type` adjust the scheduler (`training_scheduler`)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -62,6 +79,8 @@ def load_parts(cfg: ModelConfig) -> SDParts:
     for module in (text_encoder, vae, unet):
         module.requires_grad_(False)
         module.eval()
+    if zero_terminal_snr or prediction_type is not None:
+        noise_scheduler = training_scheduler(noise_scheduler.config, zero_terminal_snr, prediction_type)
     return SDParts(tokenizer, text_encoder, vae, unet, noise_scheduler)
 
 
