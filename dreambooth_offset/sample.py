@@ -52,8 +52,20 @@ def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image
     return grid
 
 
+def sampler_overrides(scheduler_config) -> dict[str, object]:
+    """Under zero terminal SNR, sampling must start at t = T: "trailing" spacing (Lin et al. 2023,
+    sec. 3.3); SD's "leading" spacing with 50 steps starts at t = 981 and never sees pure noise."""
+    return {"timestep_spacing": "trailing"} if scheduler_config.get("rescale_betas_zero_snr") else {}
+
+
+def default_guidance_rescale(zero_terminal_snr: bool) -> float:
+    """Lin et al. 2023 (sec. 3.4) rescale classifier-free guidance by 0.7 under zero terminal SNR."""
+    return 0.7 if zero_terminal_snr else 0.0
+
+
 def build_pipeline(tokenizer, text_encoder, vae, unet, scheduler_config):
-    """A StableDiffusionPipeline over the given parts, with a DDIM sampler from the model's config."""
+    """A StableDiffusionPipeline over the given parts, with a DDIM sampler from the model's config
+    ("trailing" timesteps when the config has zero-terminal-SNR betas)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
@@ -61,7 +73,7 @@ def build_pipeline(tokenizer, text_encoder, vae, unet, scheduler_config):
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=DDIMScheduler.from_config(scheduler_config),
+        scheduler=DDIMScheduler.from_config(scheduler_config, **sampler_overrides(scheduler_config)),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -93,6 +105,7 @@ def generate(
     width: int | None = None,
     latents: Tensor | None = None,
     batch_size: int = 8,
+    guidance_rescale: float = 0.0,
 ) -> Samples:
     """One image per seed (or per given start latent), in batches; returns images, x_T and x_0.
 
@@ -112,6 +125,7 @@ def generate(
             width=width,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
             latents=chunk.to(pipe.device, pipe.unet.dtype),
             output_type="latent",
         ).images
@@ -134,16 +148,24 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_inference_steps", type=int, default=50)
     p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--guidance_rescale", type=float, default=None,
+                   help="CFG rescale (Lin et al. 2023); default 0.7 with --zero_terminal_snr, else 0.")
+    p.add_argument("--zero_terminal_snr", action="store_true",
+                   help="Sample with zero-terminal-SNR betas and trailing timesteps, as a LoRA trained with them.")
+    p.add_argument("--prediction_type", default=None, choices=("epsilon", "v_prediction"),
+                   help="Override the model's prediction type (as the LoRA was trained).")
     p.add_argument("--resolution", type=int, default=None, help="Image side in pixels (default: the model's).")
     p.add_argument("--output_dir", required=True, help="Where images, grids and stats.json go.")
     p.set_defaults(func=run_generate)
 
 
-def load_pipeline(model_cfg, lora: str | None = None, lora_scale: float = 1.0):
-    """Base parts from local files (the training loader), plus an optional LoRA through diffusers."""
+def load_pipeline(model_cfg, lora: str | None = None, lora_scale: float = 1.0, zero_terminal_snr: bool = False,
+                  prediction_type: str | None = None):
+    """Base parts from local files (the training loader), plus an optional LoRA through diffusers.
+    `zero_terminal_snr` / `prediction_type` adjust the scheduler as the training did."""
     from dreambooth_offset.models import load_parts
 
-    parts = load_parts(model_cfg)
+    parts = load_parts(model_cfg, zero_terminal_snr, prediction_type)
     pipe = build_pipeline(parts.tokenizer, parts.text_encoder, parts.vae, parts.unet, parts.noise_scheduler.config)
     if lora:
         path = Path(lora)
@@ -170,19 +192,25 @@ def run_generate(args: argparse.Namespace) -> int:
         raise UsageError("--num_images must be at least 1")
     if args.resolution is not None and args.resolution % 8:
         raise UsageError(f"--resolution {args.resolution}: it must be a multiple of 8")
+    if args.zero_terminal_snr and args.prediction_type != "v_prediction":
+        raise UsageError("--zero_terminal_snr needs --prediction_type v_prediction (as in training)")
+    rescale = args.guidance_rescale if args.guidance_rescale is not None else default_guidance_rescale(args.zero_terminal_snr)
+    if not 0.0 <= rescale <= 1.0:
+        raise UsageError(f"--guidance_rescale {rescale}: it must be in [0, 1]")
     out = Path(args.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UsageError(f"--output_dir {out}: cannot create it ({err.strerror})") from None
     model_cfg = ModelConfig(args.pretrained_model_name_or_path, args.revision, args.variant)
-    pipe = load_pipeline(model_cfg, args.lora, args.lora_scale)
+    pipe = load_pipeline(model_cfg, args.lora, args.lora_scale, args.zero_terminal_snr, args.prediction_type)
     seeds = list(range(args.seed, args.seed + args.num_images))
     stats = {}
     from tqdm.auto import tqdm
 
     for p_idx, prompt in enumerate(tqdm(args.prompt, desc="prompts")):
-        samples = generate(pipe, prompt, seeds, args.num_inference_steps, args.guidance_scale, args.resolution, args.resolution)
+        samples = generate(pipe, prompt, seeds, args.num_inference_steps, args.guidance_scale, args.resolution,
+                           args.resolution, guidance_rescale=rescale)
         pil = to_pil(samples.images)
         for seed, img in zip(seeds, pil):
             img.save(out / f"prompt{p_idx:02d}_seed{seed}.png")
@@ -212,10 +240,13 @@ def run_validation(accelerator, parts, unet, text_encoder, cfg, step: int) -> di
     pipe.unet.eval()  # no LoRA dropout while sampling; the loop sets train() again
     pipe.text_encoder.eval()
     seeds = list(range(cfg.train.seed, cfg.train.seed + vcfg.num_validation_images))
+    rescale = vcfg.guidance_rescale
+    if rescale is None:
+        rescale = default_guidance_rescale(cfg.noise.zero_terminal_snr)
     rows, logs = [], {}
     for i, prompt in enumerate(vcfg.validation_prompt):
         samples = generate(pipe, prompt, seeds, vcfg.num_inference_steps, vcfg.guidance_scale,
-                           cfg.data.resolution, cfg.data.resolution)
+                           cfg.data.resolution, cfg.data.resolution, guidance_rescale=rescale)
         rows += to_pil(samples.images)
         lum = mean_luminance(samples.images)
         logs[f"validation/luminance_{i}"] = lum.mean().item()
