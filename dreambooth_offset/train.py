@@ -15,7 +15,7 @@ from dreambooth_offset.config import RunConfig
 from dreambooth_offset.data import find_images, load_resized
 from dreambooth_offset.errors import TrainingDiverged, UsageError
 from dreambooth_offset.lora import add_adapters, save_lora, trainable_parameters
-from dreambooth_offset.models import encode_prompts, load_parts
+from dreambooth_offset.models import encode_prompts, load_parts, training_scheduler
 from dreambooth_offset.noise import perturb_input_noise, sample_noise, training_progress
 from dreambooth_offset.objective import Loss, dreambooth_loss, huber_threshold, min_snr_weights, training_target
 from dreambooth_offset.optim import make_lr_scheduler, make_optimizer
@@ -141,12 +141,15 @@ def train(cfg: RunConfig) -> TrainResult:
     # The run's generator: noise, timesteps, posterior draws, crops and flips. One per process.
     generator = torch.Generator().manual_seed(cfg.train.seed + 1_000_003 * accelerator.process_index)
 
-    parts = load_parts(cfg.model, cfg.noise.zero_terminal_snr, cfg.loss.prediction_type)
+    parts = load_parts(cfg.model)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.mixed_precision]
     images = {"instance": load_resized(find_images(cfg.data.instance_data_dir, "instance_data_dir"), cfg.data.resolution)}
-    if cfg.data.with_prior_preservation:
+    if cfg.data.with_prior_preservation:  # the base samples its class images with its own scheduler
         class_paths = prior.ensure_class_images(parts, cfg, accelerator)
         images["class"] = load_resized(class_paths, cfg.data.resolution)
+    if cfg.noise.zero_terminal_snr or cfg.loss.prediction_type is not None:
+        parts = parts._replace(noise_scheduler=training_scheduler(
+            parts.noise_scheduler.config, cfg.noise.zero_terminal_snr, cfg.loss.prediction_type))
 
     unet, vae = parts.unet, parts.vae
     text_encoder = parts.text_encoder if cfg.adapter.train_text_encoder else None

@@ -291,3 +291,24 @@ def test_generate_samples_a_zero_terminal_snr_model(tiny_model, tmp_path, capsys
     assert "v_prediction" in capsys.readouterr().err
     assert main(common + ["--zero_terminal_snr", "--prediction_type", "v_prediction"]) == 0
     assert (out / "stats.json").is_file()
+
+
+def test_class_images_come_from_the_base_scheduler_under_zero_terminal_snr(tiny_model, instance_dir, tmp_path,
+                                                                            monkeypatch):
+    """The base model was not trained for rescaled betas or v-prediction: it must sample its class
+    images with its own scheduler, and only training uses the adjusted one."""
+    from dreambooth_offset import prior
+
+    seen = []
+    original = prior.ensure_class_images
+
+    def spy(parts, cfg, accelerator):
+        seen.append(dict(parts.noise_scheduler.config))
+        return original(parts, cfg, accelerator)
+
+    monkeypatch.setattr(prior, "ensure_class_images", spy)
+    out = tmp_path / "out"
+    assert main(flags(tiny_model, instance_dir, out, max_train_steps=1, optimizer="adamw", zero_terminal_snr=True,
+                      prediction_type="v_prediction", with_prior_preservation=True, class_data_dir=tmp_path / "class",
+                      class_prompt="a photo of dog", num_class_images=1, num_inference_steps=2)) == 0
+    assert seen and seen[0]["prediction_type"] == "epsilon" and not seen[0].get("rescale_betas_zero_snr")
