@@ -1,7 +1,6 @@
 """The trainer end to end through the real CLI, on a tiny in-process Stable Diffusion folder."""
 import shutil
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
