@@ -31,6 +31,10 @@ def register(subparsers) -> None:
     b.add_argument("--pretrained_model_name_or_path", default=str(SHIPPED_BASE), help="Base model (default: shipped).")
     b.add_argument("--output_dir", default="black-image-report", help="Report folder.")
     b.add_argument("--noise_offset", type=float, nargs="+", default=[0.0, 0.1], help="One run per value.")
+    b.add_argument("--variants", nargs="+", default=None, metavar="NAME",
+                   help="Noise settings to compare instead of --noise_offset values: "
+                        "no_offset, offset, offset_vp, offset_auto, random_strength, ... (see --list_variants).")
+    b.add_argument("--list_variants", action="store_true", help="Print the known variants and exit.")
     b.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Training seeds.")
     b.add_argument("--num_images", type=int, default=8, help="Samples per run and prompt.")
     b.add_argument("--num_inference_steps", type=int, default=50)
@@ -53,6 +57,10 @@ def run_black_image(args: argparse.Namespace) -> int:
     from dreambooth_offset.experiments import black_image as bi
     from dreambooth_offset.experiments.report import summary_table
 
+    if args.list_variants:
+        for name, overrides in bi.VARIANTS.items():
+            print(f"{name:20s} {overrides}")
+        return 0
     shipped = Path(args.pretrained_model_name_or_path).resolve() == SHIPPED_BASE
     if shipped and not (SHIPPED_BASE / "model_index.json").is_file():
         raise UsageError(f"the shipped base is missing from {SHIPPED_BASE}; run `dreambooth-offset pretrain-base`")
@@ -70,7 +78,13 @@ def run_black_image(args: argparse.Namespace) -> int:
         from dreambooth_offset.pretrain import PROFILE_PROMPTS
 
         prompts = [p for p in PROFILE_PROMPTS if p != bi.BLACK_PROMPT] if shipped else list(bi.GUTTENBERG_PROMPTS)
-    variants = tuple(bi.Variant(f"noise_offset={o:g}", {"noise_offset": o}) for o in args.noise_offset)
+    if args.variants:
+        unknown = [v for v in args.variants if v not in bi.VARIANTS]
+        if unknown:
+            raise UsageError(f"--variants {unknown[0]}: unknown; known: {', '.join(bi.VARIANTS)}")
+        variants = tuple(bi.Variant(v, bi.VARIANTS[v]) for v in args.variants)
+    else:
+        variants = tuple(bi.Variant(f"noise_offset={o:g}", {"noise_offset": o}) for o in args.noise_offset)
     cfg = bi.ExperimentConfig(
         model=args.pretrained_model_name_or_path, output_dir=Path(args.output_dir), variants=variants,
         seeds=tuple(args.seeds), train=train, prompts=tuple(prompts), num_images=args.num_images,

@@ -17,7 +17,7 @@ from PIL import Image
 
 from dreambooth_offset.config import load_config
 from dreambooth_offset.experiments import report
-from dreambooth_offset.sample import build_pipeline, generate, start_latents
+from dreambooth_offset.sample import build_pipeline, default_guidance_rescale, generate, start_latents
 
 BLACK_PROMPT = "A solid black image"
 # Guttenberg's prompts (SCIENCE.md section 1), the defaults for a real SD checkpoint.
@@ -53,6 +53,22 @@ class ExperimentConfig:
     black_prompt: str = BLACK_PROMPT
 
 
+# The noise settings the study compares (issue 5; docs/noise-variants.md). Each differs from
+# plain DreamBooth only in these keys; `noise_offset` is always given because its default is 0.1.
+VARIANTS = {
+    "no_offset": {"noise_offset": 0.0},
+    "offset": {"noise_offset": 0.1},
+    "offset_vp": {"noise_offset": 0.1, "noise_offset_variance_preserving": True},
+    "offset_auto": {"noise_offset": "auto"},
+    "random_strength": {"noise_offset": 0.1, "noise_offset_random_strength": True},
+    "adaptive": {"noise_offset": 0.1, "adaptive_noise_scale": 0.1},
+    "offset_linear_decay": {"noise_offset": 0.15, "noise_offset_schedule": "linear", "noise_offset_end": 0.05},
+    "pyramid": {"noise_offset": 0.0, "multires_noise_iterations": 6, "multires_noise_discount": 0.3},
+    "ztsnr_vpred": {"noise_offset": 0.0, "zero_terminal_snr": True, "prediction_type": "v_prediction"},
+    "input_perturbation": {"noise_offset": 0.0, "ip_noise_gamma": 0.1},
+    "min_snr": {"noise_offset": 0.1, "snr_gamma": 5.0},
+}
+
 SAMPLERS = {
     "ddim": "DDIMScheduler",
     "dpm": "DPMSolverMultistepScheduler",
@@ -76,13 +92,14 @@ def _pipeline(parts, unet, text_encoder, sampler: str):
     return pipe
 
 
-def sample_prompts(pipe, cfg: ExperimentConfig, resolution: int, starts: torch.Tensor) -> dict[str, object]:
+def sample_prompts(pipe, cfg: ExperimentConfig, resolution: int, starts: torch.Tensor,
+                   guidance_rescale: float = 0.0, prompts: tuple[str, ...] | None = None) -> dict[str, object]:
     """Samples per prompt (black prompt first) from the given start latents."""
-    out = {}
-    for prompt in (cfg.black_prompt, *cfg.prompts):
-        out[prompt] = generate(pipe, prompt, [], cfg.num_inference_steps, cfg.guidance_scale, resolution, resolution,
-                               latents=starts)
-    return out
+    return {
+        prompt: generate(pipe, prompt, [], cfg.num_inference_steps, cfg.guidance_scale, resolution, resolution,
+                         latents=starts, guidance_rescale=guidance_rescale)
+        for prompt in (prompts or (cfg.black_prompt, *cfg.prompts))
+    }
 
 
 @torch.no_grad()
@@ -132,17 +149,17 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
                       **cfg.train, **variant.overrides}
             result = train(load_config(None, values))
             pipe = _pipeline(result.parts, result.unet, result.text_encoder, cfg.sampler)
-            samples[f"{name}-seed{seed}"] = sample_prompts(pipe, cfg, resolution, starts)
-            offset = load_config(None, values).noise.noise_offset
+            rescale = default_guidance_rescale(result.config.noise.zero_terminal_snr)
+            samples[f"{name}-seed{seed}"] = sample_prompts(pipe, cfg, resolution, starts, rescale)
+            offset = result.config.noise.noise_offset  # a number, also for "auto"
             rows.append({"name": name, "noise_offset": offset, "seed": seed, "train_seconds": round(result.seconds, 1)})
             # The leak start is x_t in the VP parametrisation, which the pipeline takes as-is only
             # when init_noise_sigma is 1 (DDIM, DDPM, DPM-Solver; not Euler's sigma space).
-            if (cfg.mechanism_check and offset == 0 and seed == cfg.seeds[0] and pipe.scheduler.init_noise_sigma == 1
-                    and not variant.overrides.keys() - {"noise_offset"}):
+            plain = variant.overrides == {"noise_offset": 0.0}  # plain DreamBooth, the baseline
+            if cfg.mechanism_check and plain and seed == cfg.seeds[0] and pipe.scheduler.init_noise_sigma == 1:
                 leak = leak_starts(pipe, instance_dir, cfg, starts)
-                samples[f"{name}, start from the leak-seed{seed}"] = {
-                    cfg.black_prompt: generate(pipe, cfg.black_prompt, [], cfg.num_inference_steps, cfg.guidance_scale,
-                                               resolution, resolution, latents=leak)}
+                samples[f"{name}, start from the leak-seed{seed}"] = sample_prompts(
+                    pipe, cfg, resolution, leak, prompts=(cfg.black_prompt,))
                 rows.append({"name": f"{name}, start from the leak", "noise_offset": offset, "seed": seed,
                              "train_seconds": 0.0})
             progress.update()

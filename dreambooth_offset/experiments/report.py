@@ -69,16 +69,23 @@ def markdown_table(rows: list[dict], prompts: list[str]) -> str:
 
 
 def summary_table(rows: list[dict], black_prompt: str) -> str:
-    """Black-prompt luminance per run name, averaged over training seeds (mean +- std over seeds)."""
-    by_name: dict[str, list[float]] = {}
+    """Per run name, averaged over training seeds (mean +- std over seeds): the black prompt's
+    luminance, its fraction of dark pixels and slope, and the training wall time."""
+    by_name: dict[str, list[dict]] = {}
     for row in rows:
         if black_prompt in row["prompts"]:
-            by_name.setdefault(row["name"], []).append(row["prompts"][black_prompt]["mean_luminance"])
-    lines = [f"| run | '{black_prompt}': mean luminance over training seeds | seeds |", "|---|---|---|"]
-    for name, values in by_name.items():
+            by_name.setdefault(row["name"], []).append({**row["prompts"][black_prompt], "s": row["train_seconds"]})
+    lines = [f"| run | '{black_prompt}': mean luminance | pixels < 0.05 | slope | train s | seeds |",
+             "|---|---|---|---|---|---|"]
+
+    def fmt(values: list[float], spec: str) -> str:
         t = torch.tensor(values)
-        spread = f" +- {t.std(unbiased=False):.3f}" if len(values) > 1 else ""
-        lines.append(f"| {name} | {t.mean():.3f}{spread} | {len(values)} |")
+        return f"{t.mean():{spec}}" + (f" +- {t.std(unbiased=False):{spec}}" if len(values) > 1 else "")
+
+    for name, stats in by_name.items():
+        lines.append(f"| {name} | {fmt([s['mean_luminance'] for s in stats], '.3f')} | "
+                     f"{fmt([s['dark_fraction'] for s in stats], '.2f')} | {fmt([s['slope'] for s in stats], '.2f')} | "
+                     f"{fmt([s['s'] for s in stats], '.0f')} | {len(stats)} |")
     return "\n".join(lines)
 
 
