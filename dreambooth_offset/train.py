@@ -10,15 +10,20 @@ from pathlib import Path
 import torch
 
 from dreambooth_offset import checkpoint, config, noise_auto
-from dreambooth_offset.batches import Batch, BatchSource
+from dreambooth_offset.batches import Batch
 from dreambooth_offset.config import RunConfig
-from dreambooth_offset.data import find_images, load_resized
-from dreambooth_offset.errors import TrainingDiverged, UsageError
-from dreambooth_offset.lora import add_adapters, save_lora, trainable_parameters
-from dreambooth_offset.models import encode_prompts, load_parts, training_scheduler
+from dreambooth_offset.errors import TrainingDiverged
+from dreambooth_offset.lora import save_lora
+from dreambooth_offset.models import encode_prompts
 from dreambooth_offset.noise import perturb_input_noise, sample_noise, training_progress
-from dreambooth_offset.objective import Loss, dreambooth_loss, huber_threshold, min_snr_weights, training_target
-from dreambooth_offset.optim import make_lr_scheduler, make_optimizer
+from dreambooth_offset.objective import (
+    Loss,
+    dreambooth_loss,
+    huber_threshold,
+    min_snr_weights,
+    training_target,
+)
+from dreambooth_offset.setup import check_inputs, make_accelerator, prepare
 
 CONFIG_NAME = "training_config.json"
 
@@ -83,55 +88,11 @@ def write_lora_files(directory: Path, unet, text_encoder, cfg: RunConfig, noise_
     return path
 
 
-def check_inputs(cfg: RunConfig) -> None:
-    """Everything that can be checked before a model loads; raises UsageError naming the culprit."""
-    if not cfg.data.instance_data_dir:
-        raise UsageError("--instance_data_dir is required")
-    if not cfg.data.instance_prompt:
-        raise UsageError("--instance_prompt is required")
-    find_images(cfg.data.instance_data_dir, "instance_data_dir")
-    if cfg.data.with_prior_preservation and Path(cfg.data.class_data_dir).is_dir():
-        find_images(cfg.data.class_data_dir, "class_data_dir", allow_empty=True)
-    out = Path(cfg.train.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise UsageError(f"--output_dir {out}: not writable ({err.strerror})") from None
-    checkpoint.resolve_resume(out, cfg.train.resume_from_checkpoint)
-
-
-def make_accelerator(cfg: RunConfig):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import ProjectConfiguration
-
-    out = Path(cfg.train.output_dir)
-    # accelerate keeps its state (mixed precision ...) per process; a second train() in the same
-    # process (the experiment, tests) must be free to choose another precision. The process
-    # group (PartialState) stays.
-    AcceleratorState._reset_state()
-    try:
-        return Accelerator(
-            # With no GPU, cpu=True is what lets torchrun/accelerate launch run MULTI_CPU (gloo).
-            cpu=not torch.accelerator.is_available(),
-            mixed_precision=cfg.train.mixed_precision,
-            gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-            log_with=None if cfg.train.report_to == "none" else cfg.train.report_to,
-            project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-        )
-    except ValueError as err:
-        raise UsageError(f"--mixed_precision {cfg.train.mixed_precision}: {err}") from None
-
-
 def train(cfg: RunConfig) -> TrainResult:
     from accelerate.utils import set_seed
-    from diffusers.training_utils import cast_training_params
     from tqdm.auto import tqdm
 
-    from dreambooth_offset import prior, sample
+    from dreambooth_offset import sample
 
     started = time.time()
     check_inputs(cfg)
@@ -141,49 +102,15 @@ def train(cfg: RunConfig) -> TrainResult:
     # The run's generator: noise, timesteps, posterior draws, crops and flips. One per process.
     generator = torch.Generator().manual_seed(cfg.train.seed + 1_000_003 * accelerator.process_index)
 
-    parts = load_parts(cfg.model)
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.mixed_precision]
-    images = {"instance": load_resized(find_images(cfg.data.instance_data_dir, "instance_data_dir"), cfg.data.resolution)}
-    if cfg.data.with_prior_preservation:  # the base samples its class images with its own scheduler
-        class_paths = prior.ensure_class_images(parts, cfg, accelerator)
-        images["class"] = load_resized(class_paths, cfg.data.resolution)
-    if cfg.noise.zero_terminal_snr or cfg.loss.prediction_type is not None:
-        parts = parts._replace(noise_scheduler=training_scheduler(
-            parts.noise_scheduler.config, cfg.noise.zero_terminal_snr, cfg.loss.prediction_type))
-
-    unet, vae = parts.unet, parts.vae
-    text_encoder = parts.text_encoder if cfg.adapter.train_text_encoder else None
-    for module in (unet, vae, parts.text_encoder):
-        module.to(accelerator.device, dtype=None if weight_dtype == torch.float32 else weight_dtype)
-    cfg, auto, channel_means = noise_auto.resolve_auto_offset(cfg, vae, parts.noise_scheduler, images)
-    if auto is not None:
-        accelerator.print(noise_auto.describe(auto))
-        if accelerator.is_main_process:
-            noise_auto.write_record(out / noise_auto.RECORD_NAME, auto, channel_means)
-    add_adapters(unet, text_encoder, cfg.adapter)
-    trained = [m for m in (unet, text_encoder) if m is not None]
-    cast_training_params(trained, dtype=torch.float32)  # LoRA weights train in fp32 under fp16/bf16
-    if cfg.train.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if text_encoder is not None:
-            text_encoder.gradient_checkpointing_enable()
-
-    params = trainable_parameters(*trained)
-    optimizer = make_optimizer(params, cfg.optim)
-    lr_scheduler = make_lr_scheduler(optimizer, cfg.optim, cfg.train, accelerator.num_processes)
-    if text_encoder is not None:
-        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
-    else:
-        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    checkpoint.register_lora_hooks(accelerator, unet, text_encoder)
+    run = prepare(cfg, accelerator)
+    cfg, parts, unet, text_encoder = run.cfg, run.parts, run.unet, run.text_encoder
+    optimizer, lr_scheduler, params, batches = run.optimizer, run.lr_scheduler, run.params, run.batches
 
     def save_weights(folder: Path, step: int) -> Path:
         return write_lora_files(folder, accelerator.unwrap_model(unet),
                                 text_encoder and accelerator.unwrap_model(text_encoder), cfg, parts.noise_scheduler,
-                                step, started, noise_auto.metadata(auto))
+                                step, started, noise_auto.metadata(run.auto))
 
-    batches = BatchSource(images, cfg.data, parts.tokenizer, parts.text_encoder, vae, cfg.adapter.train_text_encoder,
-                          cfg.train.seed, accelerator.process_index, accelerator.num_processes)
     first_step = 0
     resume = checkpoint.resolve_resume(out, cfg.train.resume_from_checkpoint)
     if resume is not None:
