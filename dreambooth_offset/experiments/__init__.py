@@ -50,7 +50,26 @@ def register(subparsers) -> None:
     b.add_argument("--optimizer", default=None, choices=("adamw8bit", "adamw"))
     b.add_argument("--mixed_precision", default=None, choices=("no", "fp16", "bf16"))
     b.add_argument("--gradient_checkpointing", action="store_true")
+    b.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="Any other trainer key for every run, as in a TOML file: lr_scheduler=\"cosine\" "
+                        "lr_warmup_steps=10 (strings may go unquoted).")
     b.set_defaults(func=run_black_image)
+
+
+def parse_settings(items: list[str]) -> dict:
+    """KEY=VALUE pairs with TOML values (numbers, booleans, lists); a bare word is a string."""
+    import tomllib
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--set {item}: expected KEY=VALUE")
+        try:
+            out[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = value
+    return out
 
 
 def run_black_image(args: argparse.Namespace) -> int:
@@ -71,6 +90,10 @@ def run_black_image(args: argparse.Namespace) -> int:
             train[key] = getattr(args, key)
     if args.gradient_checkpointing:
         train["gradient_checkpointing"] = True
+    train.update(parse_settings(args.set))
+    from dreambooth_offset.config import load_config
+
+    load_config(None, train)  # unknown keys and bad values stop here, before minutes of work
     if args.num_images < 2:
         raise UsageError("--num_images must be at least 2 (the slope diagnostic fits a line)")
     prompts = args.prompts
