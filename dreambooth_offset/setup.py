@@ -94,7 +94,9 @@ def prepare(cfg: RunConfig, accelerator) -> Prepared:
     unet, vae = parts.unet, parts.vae
     text_encoder = parts.text_encoder if cfg.adapter.train_text_encoder else None
     for module in (unet, vae, parts.text_encoder):
-        module.to(accelerator.device, dtype=None if weight_dtype == torch.float32 else weight_dtype)
+        module.to(accelerator.device)
+        if weight_dtype != torch.float32:  # casting fp32 to fp32 would only make diffusers warn
+            module.to(dtype=weight_dtype)
     cfg, auto, channel_means = noise_auto.resolve_auto_offset(cfg, vae, parts.noise_scheduler, images)
     if auto is not None:
         accelerator.print(noise_auto.describe(auto))
