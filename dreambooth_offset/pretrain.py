@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from dreambooth_offset import synthetic
 from dreambooth_offset.errors import UsageError
+from dreambooth_offset.sample import luminance, make_grid
 
 SD_BETA_START, SD_BETA_END, SD_TIMESTEPS = 0.00085, 0.012, 1000
 SD_LATENT_ELEMENTS = 64 * 64  # SD 1.5 at 512 px: the leak the shipped base is matched to
@@ -209,7 +210,7 @@ def encode_dataset(vae, tokenizer, cfg: PretrainConfig, generator: torch.Generat
         stds.append(dist.std)
         ids.append(tokenizer(batch.captions, padding="max_length", max_length=77,
                              truncation=True, return_tensors="pt").input_ids)
-        lums.append(synthetic.luminance(batch.images).mean(dim=(-1, -2)))
+        lums.append(luminance(batch.images).mean(dim=(-1, -2)))
     return torch.cat(means), torch.cat(stds), torch.cat(ids), torch.cat(lums)
 
 
@@ -248,40 +249,28 @@ def train_unet(unet, text_encoder, scheduler, data, empty_ids: Tensor, scaling: 
     return ema
 
 
-@torch.no_grad()
-def brightness_profile(pipe, prompts, seeds: int, steps: int) -> tuple[dict, Tensor]:
-    """Mean luminance +- std over `seeds` DDIM samples per prompt; returns stats and all images."""
-    from diffusers import DDIMScheduler
+def brightness_profile(pipe, prompts, seeds: int, steps: int) -> tuple[dict, list]:
+    """Mean luminance +- std over `seeds` DDIM samples per prompt (guidance 7.5, sampling seeds
+    0..seeds-1); returns the stats and the images as PIL, prompt by prompt."""
+    from dreambooth_offset.sample import (
+        build_pipeline,
+        dark_fraction,
+        generate,
+        mean_luminance,
+        to_pil,
+    )
 
-    pipe = pipe.__class__(**pipe.components)  # same modules, own scheduler
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
+    c = pipe.components
+    pipe = build_pipeline(c["tokenizer"], c["text_encoder"], c["vae"], c["unet"], pipe.scheduler.config)
     stats, images = {}, []
     for prompt in tqdm(prompts, desc="profile"):
-        gens = [torch.Generator().manual_seed(s) for s in range(seeds)]
-        out = pipe([prompt] * seeds, num_inference_steps=steps, generator=gens,
-                   output_type="pt").images
-        y = synthetic.luminance(out.clamp(0, 1))
-        per_image = y.mean(dim=(-1, -2))
+        out = generate(pipe, prompt, list(range(seeds)), steps, 7.5).images
+        per_image = mean_luminance(out)
         stats[prompt] = {"mean_luminance": round(float(per_image.mean()), 4),
                          "std": round(float(per_image.std()) if seeds > 1 else 0.0, 4),
-                         "dark_fraction": round(float((y < 0.05).float().mean()), 4)}
-        images.append(out)
-    return stats, torch.cat(images)
-
-
-def save_grid(images: Tensor, path: Path, nrow: int) -> None:
-    """(B, 3, H, W) in [0, 1] -> one PNG, `nrow` images per row, 2 px white gaps."""
-    from PIL import Image
-
-    b, _, h, w = images.shape
-    rows = math.ceil(b / nrow)
-    canvas = torch.ones(3, rows * (h + 2), nrow * (w + 2))
-    for i, img in enumerate(images):
-        r, c = divmod(i, nrow)
-        canvas[:, r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = img
-    array = (canvas.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    Image.fromarray(array).save(path)
+                         "dark_fraction": round(float(dark_fraction(out).mean()), 4)}
+        images += to_pil(out)
+    return stats, images
 
 
 def pretrain(cfg: PretrainConfig) -> Path:
@@ -307,7 +296,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     pipe.save_pretrained(out, safe_serialization=True)
     train_time = time.time() - start
     stats, images = brightness_profile(pipe, PROFILE_PROMPTS, cfg.profile_seeds, cfg.profile_steps)
-    save_grid(images, out / "samples.png", nrow=cfg.profile_seeds)
+    make_grid(images, cols=cfg.profile_seeds).save(out / "samples.png")
     facts = {"config": dataclasses.asdict(cfg), "vae_final_loss": round(vae_loss, 5),
              "unet_final_loss": round(unet_loss, 5), "scaling_factor": round(scaling, 5),
              "beta_end": scheduler.config.beta_end,

@@ -17,9 +17,9 @@ BRIGHT_THRESHOLD = 0.95
 
 
 def luminance(images: Tensor) -> Tensor:
-    """Rec. 709 luma Y = 0.2126 R + 0.7152 G + 0.0722 B of images (N, 3, H, W) in [0, 1] -> (N, H, W)."""
+    """Rec. 709 luma Y = 0.2126 R + 0.7152 G + 0.0722 B of RGB images in [0, 1]: (..., 3, H, W) -> (..., H, W)."""
     weights = torch.tensor([0.2126, 0.7152, 0.0722], dtype=images.dtype, device=images.device)
-    return torch.einsum("nchw,c->nhw", images, weights)
+    return (images * weights.view(3, 1, 1)).sum(dim=-3)
 
 
 def mean_luminance(images: Tensor) -> Tensor:

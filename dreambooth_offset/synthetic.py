@@ -14,8 +14,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from dreambooth_offset.sample import luminance
+
 # Rec.709 luma weights (SCIENCE.md section 4).
-LUMA = (0.2126, 0.7152, 0.0722)
 
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.85, 0.1, 0.1),
@@ -47,12 +48,6 @@ EXTRA_WORDS = ("a", "solid", "black", "white", "image", "photo", "of", "an", "li
 class CaptionedImages(NamedTuple):
     images: Tensor  # (B, 3, S, S) in [0, 1]
     captions: list[str]
-
-
-def luminance(images: Tensor) -> Tensor:
-    """Rec.709 luminance Y of RGB images in [0, 1]: (..., 3, H, W) -> (..., H, W)."""
-    w = torch.tensor(LUMA, dtype=images.dtype, device=images.device).view(3, 1, 1)
-    return (images * w).sum(dim=-3)
 
 
 def caption_words() -> list[str]:

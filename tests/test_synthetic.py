@@ -2,6 +2,7 @@
 import torch
 
 from dreambooth_offset import synthetic
+from dreambooth_offset.sample import luminance
 
 
 def batch(seed=0, n=300):
@@ -10,7 +11,7 @@ def batch(seed=0, n=300):
 
 def test_luminance_spreads_and_centres_near_half():
     b = batch()
-    y = synthetic.luminance(b.images).mean(dim=(-1, -2))
+    y = luminance(b.images).mean(dim=(-1, -2))
     assert b.images.shape == (300, 3, 32, 32)
     assert 0.0 <= b.images.min() and b.images.max() <= 1.0
     assert y.min() < 0.08 and y.max() > 0.92
@@ -19,7 +20,7 @@ def test_luminance_spreads_and_centres_near_half():
 
 def test_captions_name_the_brightness():
     b = batch()
-    y = synthetic.luminance(b.images).mean(dim=(-1, -2))
+    y = luminance(b.images).mean(dim=(-1, -2))
     dark = torch.tensor(["very dark" in c for c in b.captions])
     bright = torch.tensor(["very bright" in c for c in b.captions])
     assert float(y[dark].max()) <= 0.12 + 1e-4 and float(y[bright].min()) >= 0.88 - 1e-4
