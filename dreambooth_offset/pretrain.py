@@ -114,11 +114,12 @@ def build_scheduler(cfg: PretrainConfig):
     return scheduler
 
 
-def build_tokenizer(folder: Path):
-    """A CLIPTokenizer whose BPE turns every caption word into one token (model_max_length 77)."""
+def build_tokenizer(folder: Path, words: list[str] | None = None):
+    """A CLIPTokenizer whose BPE turns every word (default: the caption vocabulary) into one token
+    (model_max_length 77), written to `folder`."""
     from transformers import CLIPTokenizer
 
-    words = synthetic.caption_words()
+    words = words or synthetic.caption_words()
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for c in [chr(i) for i in range(33, 127)]:  # printable ASCII: any other word still encodes
         vocab.setdefault(c, len(vocab))

@@ -1,7 +1,6 @@
 """Tiny Stable Diffusion parts built in-process (no network), saved as a diffusers folder."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -12,35 +11,15 @@ WORDS = ["a", "photo", "of", "sks", "dog", "solid", "black", "image", "white", "
 RESOLUTION = 16  # pixels; the 2-block VAE halves it to an 8 x 8 latent
 
 
-def write_tokenizer(folder: Path) -> None:
-    """A CLIP BPE vocabulary made of whole words (no merges needed beyond the characters)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    chars = sorted({c for w in WORDS for c in w})
-    for c in chars:
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    merges = []
-    for w in WORDS:  # merge left to right: "p h" -> "ph", "ph o" -> "pho", ...
-        parts = list(w[:-1]) + [w[-1] + "</w>"]
-        while len(parts) > 1:
-            merges.append(f"{parts[0]} {parts[1]}")
-            parts = [parts[0] + parts[1]] + parts[2:]
-            vocab.setdefault(parts[0], len(vocab))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-
-
 def build_pipeline_folder(folder: Path, seed: int = 0, cross_attention_dim: int = 8) -> Path:
     """cross_attention_dim=768 gives SD 1.x's text width, which the WebUI export recognises."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dreambooth_offset.pretrain import build_tokenizer
 
     torch.manual_seed(seed)
-    write_tokenizer(folder / "tokenizer_src")
-    tokenizer = CLIPTokenizer(
-        str(folder / "tokenizer_src" / "vocab.json"), str(folder / "tokenizer_src" / "merges.txt"), model_max_length=77
-    )
+    tokenizer = build_tokenizer(folder / "tokenizer_src", WORDS)
     unet = UNet2DConditionModel(
         block_out_channels=(8, 16), layers_per_block=1, sample_size=RESOLUTION // 2, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
