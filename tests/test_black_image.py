@@ -1,0 +1,37 @@
+"""The black-image regression case (issue 3; SCIENCE.md section 5) on the shipped base, through
+the real trainer: two LoRA fine-tunes on one solid black image, identical but for the noise.
+
+Reduced from the default experiment only in what is sampled (the black prompt alone, no
+mechanism check); training is the default: seed 0, the shipped settings. The bounds come from the
+spread measured over training seeds 0-2 (docs/black-image-experiment.md), not from this seed's
+result. Measured black-prompt mean luminance, seeds 0 / 1 / 2: no offset 0.500 / 0.329 / 0.430
+(mean 0.420, std 0.070), offset 0.1: 0.125 / 0.075 / 0.219 (mean 0.139, std 0.060); gaps
+0.375 / 0.254 / 0.211. Each bound is the worst seed's value moved by about one standard
+deviation over seeds. R^2 of the output mean on the start noise's mean: no offset 0.28 / 0.18 /
+0.30, offset 0.06 / 0.06 / 0.10.
+
+The issue's goal for the offset run, <= 0.10, is met by seed 1 only; this test guards the effect
+as measured, not the goal.
+"""
+from dreambooth_offset.experiments import SHIPPED_BASE, SHIPPED_SAMPLING, SHIPPED_TRAIN
+from dreambooth_offset.experiments.black_image import BLACK_PROMPT, ExperimentConfig, Variant, run_experiment
+
+NO_OFFSET_AT_LEAST = 0.26  # lowest seed 0.329 - 0.07
+OFFSET_AT_MOST = 0.28  # highest seed 0.219 + 0.06
+GAP_AT_LEAST = 0.14  # smallest seed gap 0.211 - 0.07
+
+
+def test_offset_noise_learns_black_where_plain_dreambooth_stays_grey(tmp_path):
+    cfg = ExperimentConfig(
+        model=str(SHIPPED_BASE), output_dir=tmp_path,
+        variants=(Variant("no_offset", {"noise_offset": 0.0}), Variant("offset", {"noise_offset": 0.1})),
+        seeds=(0,), train=dict(SHIPPED_TRAIN), prompts=(), num_images=8, mechanism_check=False,
+        **SHIPPED_SAMPLING,
+    )
+    results = run_experiment(cfg)
+    black = {r["name"]: r["prompts"][BLACK_PROMPT] for r in results["runs"]}
+    assert black["no_offset"]["mean_luminance"] >= NO_OFFSET_AT_LEAST, black
+    assert black["offset"]["mean_luminance"] <= OFFSET_AT_MOST, black
+    assert black["no_offset"]["mean_luminance"] - black["offset"]["mean_luminance"] >= GAP_AT_LEAST, black
+    # the diagnostic: without offset the output's mean follows the start noise's mean more closely
+    assert black["no_offset"]["r2"] > black["offset"]["r2"], black
