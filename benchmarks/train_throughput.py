@@ -13,6 +13,7 @@ Prints, for one model, batch and precision:
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -114,6 +115,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--optimizer", default="adamw8bit", choices=("adamw8bit", "adamw"))
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved trainer/bare measurements; medians reported")
     args = parser.parse_args()
 
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -123,12 +125,15 @@ def main() -> None:
     resolution = args.resolution or unet_cfg["sample_size"] * 2 ** (vae_blocks - 1)
     print(f"model {args.model}, resolution {resolution}, batch {args.batch}, fp32, {args.optimizer}, "
           f"{torch.get_num_threads()} threads")
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = trainer_rate(args.model, resolution, args.batch, args.steps, Path(tmp), args.optimizer)
-    bare = bare_rate(args.model, resolution, args.batch, args.steps, args.optimizer)
-    print(f"trainer  {trainer:8.2f} steps/s")
-    print(f"bare     {bare:8.2f} steps/s")
-    print(f"ratio    {trainer / bare:8.3f}   (goal >= 0.95)")
+    trainer, bare = [], []
+    for _ in range(args.repeats):  # interleaved, so drifts of a shared machine hit both alike
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer.append(trainer_rate(args.model, resolution, args.batch, args.steps, Path(tmp), args.optimizer))
+        bare.append(bare_rate(args.model, resolution, args.batch, args.steps, args.optimizer))
+    ratios = sorted(t / b for t, b in zip(trainer, bare))
+    print(f"trainer  {statistics.median(trainer):8.2f} steps/s  (runs: {', '.join(f'{v:.2f}' for v in trainer)})")
+    print(f"bare     {statistics.median(bare):8.2f} steps/s  (runs: {', '.join(f'{v:.2f}' for v in bare)})")
+    print(f"ratio    {statistics.median(ratios):8.3f}   (goal >= 0.95; per pair: {', '.join(f'{r:.3f}' for r in ratios)})")
 
     unet = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet")
     unet.requires_grad_(False)
