@@ -122,7 +122,7 @@ def sample_noise(latents: Tensor, cfg: NoiseConfig, generator: torch.Generator |
         if cfg.noise_offset_variance_preserving:
             # Var(randn + o * randn_bc) = 1 + o^2 per pixel; dividing restores the variance the
             # schedule assumes, so only the split between pixel and channel-mean noise changes.
-            noise = noise / (torch.sqrt(1.0 + strength**2) if isinstance(strength, Tensor) else math.sqrt(1.0 + strength**2))
+            noise = noise / torch.sqrt(1.0 + torch.as_tensor(strength) ** 2)
     return noise.to(device=latents.device, dtype=latents.dtype)
 
 
