@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 
@@ -30,10 +31,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_import_noise() -> None:
+    """Two warnings every command would print at import, about features this package never uses:
+    bitsandbytes' optional 4-bit CPU kernels, and transformers' torchvision image processors (a
+    text-to-image trainer loads no CLIP image processor)."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     # No network at run time: checkpoints come from local folders or an existing hub cache.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    _quiet_import_noise()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
