@@ -143,7 +143,7 @@ def _number_or_words(base: type, words: tuple[str, ...]):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per config key. Defaults are suppressed so that only given flags override the file."""
     parser.add_argument("--config", help="TOML file whose keys are these flag names.")
-    for section, cls in SECTIONS.items():
+    for section in SECTIONS:
         group = parser.add_argument_group(section)
         for key, (_, f, tp) in ((k, v) for k, v in KEYS.items() if v[0] == section):
             base, is_seq = _base_type(tp)

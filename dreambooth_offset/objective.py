@@ -108,6 +108,3 @@ def dreambooth_loss(model_pred: Tensor, target: Tensor, num_instance: int, prior
         return Loss(instance, instance, None)
     return Loss(instance + prior_loss_weight * prior, instance, prior)
 
-
-def is_finite(loss: Tensor) -> bool:
-    return bool(torch.isfinite(loss).all())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -155,7 +156,7 @@ def train(cfg: RunConfig) -> TrainResult:
         accelerator.log(logs, step=done)
         if cfg.train.checkpointing_steps and done % cfg.train.checkpointing_steps == 0 and done < cfg.train.max_train_steps:
             checkpoint.save_checkpoint(accelerator, out, done, generator, cfg.train.checkpoints_total_limit,
-                                       lambda folder: save_weights(folder, done))
+                                       functools.partial(save_weights, step=done))
         if cfg.validation.validation_prompt and (done % cfg.validation.validation_steps == 0 or done == cfg.train.max_train_steps):
             if accelerator.is_main_process:
                 sample.run_validation(accelerator, parts, unet, text_encoder, cfg, done)
