@@ -10,8 +10,9 @@ SHIPPED_BASE = Path(__file__).resolve().parents[1] / "assets" / "base"
 
 # Fine-tune and sampling settings for the shipped base, from the search in docs/base-model.md:
 # LoRA on every linear and conv of the resnets and attention blocks, lr 1e-3 with the trainer's
-# gradient clipping (1.0), 400 steps (at 300 the offset run was not yet near black on every seed). Guidance 3: the tiny base's cross-attention is weak, and
-# at 7.5 classifier-free guidance amplifies whatever the fine-tune did to the prompt's branch.
+# gradient clipping (1.0), 400 steps (at 300 the offset run was near black on one seed of three).
+# Guidance 3: the tiny base's cross-attention is weak, and at 7.5 classifier-free guidance
+# amplifies whatever the fine-tune did to the prompt's branch.
 SHIPPED_TRAIN = {
     "max_train_steps": 400,
     "learning_rate": 1e-3,
