@@ -38,7 +38,7 @@ class TrainResult:
     text_encoder: torch.nn.Module  # with LoRA when --train_text_encoder, else the frozen base
     parts: object  # the loaded SDParts (tokenizer, vae, scheduler ...) for sampling after training
     steps_per_second: float  # the loop's rate after its first step (setup and warm-up left out)
-    config: RunConfig | None = None  # the run's config as saved: noise_offset 'auto' resolved to its value
+    config: RunConfig  # the run's config as saved: noise_offset 'auto' resolved to its value
 
 
 def train_step(unet, text_encoder, noise_scheduler, batch: Batch, cfg: RunConfig, generator: torch.Generator,
@@ -135,10 +135,11 @@ def train(cfg: RunConfig) -> TrainResult:
             with accelerator.accumulate(*trained_models):
                 batch = batches(step * accum + micro, generator)
                 loss = train_step(unet, text_encoder, parts.noise_scheduler, batch, cfg, generator, step)
-                if not math.isfinite(loss.total.item()):
+                total = loss.total.item()  # one host sync per micro-step, reused by the log below
+                if not math.isfinite(total):
                     last = checkpoint.list_checkpoints(out)
                     raise TrainingDiverged(
-                        f"loss became {loss.total.item()} at step {step + 1}; stopped without writing the LoRA. "
+                        f"loss became {total} at step {step + 1}; stopped without writing the LoRA. "
                         f"Last good checkpoint: {last[-1] if last else 'none'}"
                     )
                 accelerator.backward(loss.total)
@@ -149,7 +150,7 @@ def train(cfg: RunConfig) -> TrainResult:
                 optimizer.zero_grad(set_to_none=True)
         done = step + 1
         first_done = first_done or time.perf_counter()
-        logs = {"loss": loss.total.item(), "loss_instance": loss.instance.item(), "lr": lr_scheduler.get_last_lr()[0]}
+        logs = {"loss": total, "loss_instance": loss.instance.item(), "lr": lr_scheduler.get_last_lr()[0]}
         if loss.prior is not None:
             logs["loss_prior"] = loss.prior.item()
         bar.set_postfix(loss=f"{logs['loss']:.4f}")
