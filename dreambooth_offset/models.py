@@ -101,9 +101,13 @@ def latent_distribution(vae: torch.nn.Module, pixels: Tensor) -> tuple[Tensor, T
     return dist.mean.float(), dist.std.float()
 
 
-def sample_latents(mean: Tensor, std: Tensor, vae_config, generator: torch.Generator) -> Tensor:
-    """A posterior draw, scaled by the VAE's own `scaling_factor` (and `shift_factor` if it has one)."""
-    eps = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean.device)
-    latents = mean + std * eps
+def scale_latents(latents: Tensor, vae_config) -> Tensor:
+    """VAE latents into the UNet's space: minus `shift_factor` (if any), times `scaling_factor`."""
     shift = getattr(vae_config, "shift_factor", None) or 0.0
     return (latents - shift) * vae_config.scaling_factor
+
+
+def sample_latents(mean: Tensor, std: Tensor, vae_config, generator: torch.Generator) -> Tensor:
+    """A posterior draw, scaled into the UNet's latent space (`scale_latents`)."""
+    eps = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean.device)
+    return scale_latents(mean + std * eps, vae_config)

@@ -70,14 +70,13 @@ def latent_channel_means(vae, images: list[Tensor], resolution: int, batch_size:
     """((num_images, C) channel means, N): the VAE posterior means of the centre crops of uint8
     (3, H, W) `images`, scaled as training scales latents, averaged over H, W; N = latent H * W."""
     from dreambooth_offset.data import center_offsets, to_pixels
-    from dreambooth_offset.models import latent_distribution
+    from dreambooth_offset.models import latent_distribution, scale_latents
 
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
     means, pixels = [], 0
     for i in range(0, len(images), batch_size):
         crops = [to_pixels(img, *center_offsets(img, resolution), False, resolution) for img in images[i : i + batch_size]]
         mean, _ = latent_distribution(vae, torch.stack(crops))
-        latents = (mean - shift) * vae.config.scaling_factor
+        latents = scale_latents(mean, vae.config)
         means.append(latents.mean(dim=(2, 3)).cpu())
         pixels = latents.shape[2] * latents.shape[3]
     return torch.cat(means), pixels

@@ -107,11 +107,11 @@ def leak_starts(pipe, instance_dir: Path, cfg: ExperimentConfig, starts: torch.T
     """x_t0 = a_t0 * x0_black + s_t0 * eps at the sampler's first timestep t0: the start a model
     trained without offset noise saw in training (SCIENCE.md section 4, mechanism check)."""
     from dreambooth_offset.data import find_images, load_resized
-    from dreambooth_offset.models import latent_distribution
+    from dreambooth_offset.models import latent_distribution, scale_latents
 
     img = load_resized(find_images(instance_dir, "instance_data_dir"), starts.shape[-1] * pipe.vae_scale_factor)[0]
     mean, _ = latent_distribution(pipe.vae, (img.float() / 127.5 - 1.0)[None])
-    x0 = (mean.cpu() - (getattr(pipe.vae.config, "shift_factor", None) or 0.0)) * pipe.vae.config.scaling_factor
+    x0 = scale_latents(mean.cpu(), pipe.vae.config)
     pipe.scheduler.set_timesteps(cfg.num_inference_steps)
     t0 = pipe.scheduler.timesteps[:1]
     abar = pipe.scheduler.alphas_cumprod[t0].float()
