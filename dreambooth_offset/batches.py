@@ -27,16 +27,20 @@ class Batch(NamedTuple):
 
 
 class BatchSource:
-    def __init__(self, images: dict[str, list[Tensor]], cfg: DataConfig, tokenizer, text_encoder, vae,
-                 train_text_encoder: bool, seed: int, process_index: int, num_processes: int):
+    def __init__(self, images: dict[str, list[Tensor]], captions: dict[str, list[str]], cfg: DataConfig,
+                 tokenizer, text_encoder, vae, train_text_encoder: bool, seed: int, process_index: int,
+                 num_processes: int):
+        """`captions[source][i]` is the caption of `images[source][i]`; each distinct caption is
+        tokenized (and, with a frozen text encoder, encoded) once."""
         self.images, self.cfg, self.vae, self.seed = images, cfg, vae, seed
         self.process_index, self.num_processes = process_index, num_processes
-        prompts = {"instance": cfg.instance_prompt, "class": cfg.class_prompt}
-        self.input_ids = {src: tokenize(tokenizer, [prompts[src]]) for src in images}
+        distinct = list(dict.fromkeys(c for caps in captions.values() for c in caps))
+        self.caption_row = {src: [distinct.index(c) for c in caps] for src, caps in captions.items()}
+        self.input_ids = tokenize(tokenizer, distinct)
         self.embeddings = None
         if not train_text_encoder:  # a frozen encoder gives the same context every step
             with torch.no_grad():
-                self.embeddings = {src: encode_prompts(text_encoder, ids) for src, ids in self.input_ids.items()}
+                self.embeddings = encode_prompts(text_encoder, self.input_ids)
         self.cache = None if any(crop_is_random(imgs, cfg.resolution, cfg.center_crop) for imgs in images.values()) else {}
 
     def _posterior(self, examples: list[Example]) -> tuple[Tensor, Tensor]:
@@ -62,9 +66,6 @@ class BatchSource:
                                       self.cfg.random_flip, generator)
         mean, std = self._posterior(examples)
         latents = sample_latents(mean, std, self.vae.config, generator)
-        sources = [e.source for e in examples]
-        input_ids = torch.cat([self.input_ids[s] for s in sources])
-        context = None
-        if self.embeddings is not None:
-            context = torch.cat([self.embeddings[s] for s in sources])
-        return Batch(latents, input_ids, context, sources.count("instance"))
+        rows = torch.tensor([self.caption_row[e.source][e.index] for e in examples])
+        context = None if self.embeddings is None else self.embeddings[rows]
+        return Batch(latents, self.input_ids[rows], context, sum(e.source == "instance" for e in examples))

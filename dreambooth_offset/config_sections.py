@@ -55,11 +55,17 @@ class DataConfig:
     num_class_images: int = option(100, "Class images wanted; the base model generates any missing.")
     prior_loss_weight: float = option(1.0, "Weight of the prior-preservation loss.")
     sample_batch_size: int = option(4, "Batch size when generating class images.")
+    caption_extension: str = option(
+        "", "Sidecar caption files, kohya style (e.g. '.txt'): an image with 'name.txt' beside it trains "
+        "with that caption; one without uses the folder's prompt. Default: off."
+    )
 
     def __post_init__(self) -> None:
         _check_choices(self)
         if self.resolution <= 0 or self.resolution % 8:
             raise UsageError(f"resolution = {self.resolution}: it must be a positive multiple of 8")
+        if self.caption_extension and not self.caption_extension.startswith("."):
+            raise UsageError(f"caption_extension = {self.caption_extension!r}: it must start with a dot, e.g. '.txt'")
         if self.train_batch_size < 1 or self.sample_batch_size < 1:
             raise UsageError("train_batch_size and sample_batch_size must be at least 1")
         if self.with_prior_preservation:

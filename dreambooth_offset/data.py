@@ -43,6 +43,22 @@ def find_images(folder: str | Path, flag: str, allow_empty: bool = False) -> lis
     return paths
 
 
+def read_captions(paths: list[Path], extension: str, prompt: str) -> list[str]:
+    """Each image's caption: its sidecar `<stem><extension>` file's text when there is one (and
+    `extension` is set), otherwise the folder's `prompt`."""
+    captions = []
+    for path in paths:
+        sidecar = path.with_suffix(extension) if extension else None
+        if sidecar is not None and sidecar.is_file():
+            try:
+                captions.append(sidecar.read_text(encoding="utf-8").strip())
+            except UnicodeDecodeError:
+                raise UsageError(f"caption file {sidecar}: not UTF-8 text") from None
+        else:
+            captions.append(prompt)
+    return captions
+
+
 def load_resized(paths: list[Path], resolution: int) -> list[Tensor]:
     """Decode with `datasets`, honour EXIF orientation, convert to RGB, resize the shorter side to
     `resolution` (bilinear, as diffusers' scripts); uint8 tensors (3, H, W)."""

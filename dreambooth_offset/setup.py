@@ -9,7 +9,7 @@ import torch
 from dreambooth_offset import checkpoint, noise_auto
 from dreambooth_offset.batches import BatchSource
 from dreambooth_offset.config import RunConfig
-from dreambooth_offset.data import find_images, load_resized
+from dreambooth_offset.data import find_images, load_resized, read_captions
 from dreambooth_offset.errors import UsageError
 from dreambooth_offset.lora import add_adapters, trainable_parameters
 from dreambooth_offset.models import SDParts, load_parts, training_scheduler
@@ -83,10 +83,12 @@ def prepare(cfg: RunConfig, accelerator) -> Prepared:
     out = Path(cfg.train.output_dir)
     parts = load_parts(cfg.model)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.mixed_precision]
-    images = {"instance": load_resized(find_images(cfg.data.instance_data_dir, "instance_data_dir"), cfg.data.resolution)}
+    paths = {"instance": find_images(cfg.data.instance_data_dir, "instance_data_dir")}
+    prompts = {"instance": cfg.data.instance_prompt, "class": cfg.data.class_prompt}
     if cfg.data.with_prior_preservation:  # the base samples its class images with its own scheduler
-        class_paths = prior.ensure_class_images(parts, cfg, accelerator)
-        images["class"] = load_resized(class_paths, cfg.data.resolution)
+        paths["class"] = prior.ensure_class_images(parts, cfg, accelerator)
+    images = {src: load_resized(p, cfg.data.resolution) for src, p in paths.items()}
+    captions = {src: read_captions(p, cfg.data.caption_extension, prompts[src]) for src, p in paths.items()}
     if cfg.noise.zero_terminal_snr or cfg.loss.prediction_type is not None:
         parts = parts._replace(noise_scheduler=training_scheduler(
             parts.noise_scheduler.config, cfg.noise.zero_terminal_snr, cfg.loss.prediction_type))
@@ -119,6 +121,6 @@ def prepare(cfg: RunConfig, accelerator) -> Prepared:
         unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     checkpoint.register_lora_hooks(accelerator, unet, text_encoder)
 
-    batches = BatchSource(images, cfg.data, parts.tokenizer, parts.text_encoder, vae, cfg.adapter.train_text_encoder,
+    batches = BatchSource(images, captions, cfg.data, parts.tokenizer, parts.text_encoder, vae, cfg.adapter.train_text_encoder,
                           cfg.train.seed, accelerator.process_index, accelerator.num_processes)
     return Prepared(cfg, accelerator, parts, unet, text_encoder, params, optimizer, lr_scheduler, batches, auto)

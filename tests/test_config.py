@@ -38,6 +38,7 @@ def test_to_dict_round_trips_through_load_config():
         ("optimizer = 'sgd'\n", "optimizer = 'sgd' is not one of"),
         ("offset_noise = true\nnoise_offset = 0.0\n", "--offset_noise means noise_offset = 0.1"),
         ("noise_offset = -1.0\n", "noise_offset"),
+        ("caption_extension = 'txt'\n", "caption_extension = 'txt': it must start with a dot"),
     ],
 )
 def test_bad_files_name_the_key(tmp_path, text, message):

@@ -2,7 +2,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth_offset.data import epoch_indices, find_images, load_resized
+from dreambooth_offset.data import epoch_indices, find_images, load_resized, read_captions
 from dreambooth_offset.errors import UsageError
 
 
@@ -48,3 +48,17 @@ def test_epoch_indices_visit_every_item_once_per_epoch():
         assert sorted(seq[5 * e : 5 * e + 5]) == list(range(5))
     assert epoch_indices(5, 7, 4, seed=1, stream=0) == seq[7:11]  # position alone decides
     assert epoch_indices(5, 0, 15, seed=2, stream=0) != seq
+
+
+def test_sidecar_captions_override_the_folder_prompt(tmp_path):
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    (tmp_path / "a.txt").write_text("  a red circle on a blue background\n")
+    paths = find_images(tmp_path, "instance_data_dir")  # the sidecar is not taken for an image
+    assert [p.name for p in paths] == ["a.png", "b.png"]
+    assert read_captions(paths, ".txt", "a photo of sks dog") == ["a red circle on a blue background",
+                                                                  "a photo of sks dog"]
+    assert read_captions(paths, "", "a photo of sks dog") == ["a photo of sks dog"] * 2  # off by default
+    (tmp_path / "b.caption").write_bytes(b"\xff\xfe not utf-8 \xc3")
+    with pytest.raises(UsageError, match="b.caption"):
+        read_captions(paths, ".caption", "x")

@@ -116,6 +116,23 @@ def test_prior_preservation_generates_class_images(tiny_model, instance_dir, tmp
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_sidecar_captions_condition_their_own_images(tiny_model, tmp_path):
+    from dreambooth_offset.models import encode_prompts, tokenize
+    from dreambooth_offset.setup import make_accelerator, prepare
+    from tests.tiny import write_images
+
+    data = write_images(tmp_path / "data", [(200, 80, 40), (40, 90, 220)])
+    (data / "img0.txt").write_text("a photo of sks cat")
+    cfg = overrides(tiny_model, data, tmp_path / "out", caption_extension=".txt")
+    prepared = prepare(cfg, make_accelerator(cfg))
+    batch = prepared.batches(0, torch.Generator().manual_seed(0))  # batch 2 of 2 images: each once
+    tokenizer, text_encoder = prepared.parts.tokenizer, prepared.parts.text_encoder
+    expected = tokenize(tokenizer, ["a photo of sks cat", "a photo of sks dog"])
+    assert sorted(map(tuple, batch.input_ids.tolist())) == sorted(map(tuple, expected.tolist()))
+    with torch.no_grad():
+        assert torch.allclose(batch.encoder_hidden_states, encode_prompts(text_encoder, batch.input_ids), atol=1e-6)
+
+
 def test_text_encoder_lora_is_saved_and_loads(tiny_model, instance_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
 
