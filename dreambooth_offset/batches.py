@@ -34,9 +34,9 @@ class BatchSource:
         tokenized (and, with a frozen text encoder, encoded) once."""
         self.images, self.cfg, self.vae, self.seed = images, cfg, vae, seed
         self.process_index, self.num_processes = process_index, num_processes
-        distinct = list(dict.fromkeys(c for caps in captions.values() for c in caps))
-        self.caption_row = {src: [distinct.index(c) for c in caps] for src, caps in captions.items()}
-        self.input_ids = tokenize(tokenizer, distinct)
+        row_of = {c: i for i, c in enumerate(dict.fromkeys(c for caps in captions.values() for c in caps))}
+        self.caption_row = {src: [row_of[c] for c in caps] for src, caps in captions.items()}
+        self.input_ids = tokenize(tokenizer, list(row_of))
         self.embeddings = None
         if not train_text_encoder:  # a frozen encoder gives the same context every step
             with torch.no_grad():
