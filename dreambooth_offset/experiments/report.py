@@ -27,15 +27,24 @@ class PromptStats:
     mean_luminance: float  # over the images of one run and prompt
     std: float  # of the per-image mean luminance, across sampling seeds
     dark_fraction: float  # mean fraction of pixels with luminance < 0.05
-    slope: float  # of the output latents' channel means on the start noise's channel means
+    slope: float  # of the output latents' channel means on the start noise's, within channels
     r2: float
+
+
+def within_channel(means: Tensor) -> Tensor:
+    """(N, C) channel means minus each channel's average over the N images."""
+    return means - means.mean(dim=0, keepdim=True)
 
 
 def prompt_stats(images: Tensor, start_latents: Tensor, final_latents: Tensor) -> PromptStats:
     """SCIENCE.md section 4: a model that cannot move the mean shows slope ~ 1/a_T and high R^2
-    (the output mean is read off x_T); one that learned the brightness shows a slope near 0."""
+    (the output mean is read off x_T); one that learned the brightness shows a slope near 0.
+
+    The line is fitted within channels (each channel's mean over the images removed from x and y,
+    then all channels pooled): the channels of a latent have different average values, and one
+    line through all of them would count those differences as unexplained scatter."""
     lum = mean_luminance(images)
-    slope, r2 = fit_line(start_latents.mean(dim=(2, 3)), final_latents.mean(dim=(2, 3)))
+    slope, r2 = fit_line(within_channel(start_latents.mean(dim=(2, 3))), within_channel(final_latents.mean(dim=(2, 3))))
     return PromptStats(
         mean_luminance=float(lum.mean()),
         std=float(lum.std(unbiased=False)),
