@@ -97,7 +97,7 @@ def start_latents(pipe, seeds: list[int], height: int, width: int) -> Tensor:
 @torch.no_grad()
 def generate(
     pipe,
-    prompt: str,
+    prompt: str | list[str],
     seeds: list[int],
     num_inference_steps: int,
     guidance_scale: float,
@@ -108,6 +108,7 @@ def generate(
     guidance_rescale: float = 0.0,
 ) -> Samples:
     """One image per seed (or per given start latent), in batches; returns images, x_T and x_0.
+    `prompt` is one prompt for all images or a list with one prompt per image.
 
     The pipeline stops at the latents and the VAE decodes them here, as the pipeline would
     (`latents / scaling_factor`, then [-1, 1] -> [0, 1]), so the final latents are kept too."""
@@ -115,12 +116,15 @@ def generate(
     width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
     if latents is None:
         latents = start_latents(pipe, seeds, height, width)
+    prompts = [prompt] * len(latents) if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != len(latents):
+        raise ValueError(f"{len(prompts)} prompts for {len(latents)} images")
     images, finals = [], []
     vae = pipe.vae
     for i in range(0, len(latents), batch_size):
         chunk = latents[i : i + batch_size]
         final = pipe(
-            [prompt] * len(chunk),
+            prompts[i : i + batch_size],
             height=height,
             width=width,
             num_inference_steps=num_inference_steps,

@@ -23,6 +23,27 @@ SHIPPED_TRAIN = {
     "optimizer": "adamw8bit",
 }
 SHIPPED_SAMPLING = {"guidance_scale": 3.0, "num_inference_steps": 25}
+PRIOR_CAPTION_SEED = 7
+
+
+def shipped_prior_prompts(n: int, exclude: list[str]) -> list[str]:
+    """`n` captions from the shipped base's own caption generator (its training distribution),
+    a tenth of them empty as in its pre-training (caption dropout 0.1), none of them a prompt the
+    experiment evaluates."""
+    import torch
+
+    from dreambooth_offset.pretrain import PretrainConfig
+    from dreambooth_offset.synthetic import render_one
+
+    g = torch.Generator().manual_seed(PRIOR_CAPTION_SEED)
+    excluded = {p.lower() for p in exclude}
+    dropout = PretrainConfig(output_dir="").caption_dropout
+    prompts = []
+    while len(prompts) < n:
+        caption = render_one(8, g)[1]
+        if caption.lower() not in excluded:
+            prompts.append("" if float(torch.rand((), generator=g)) < dropout else caption)
+    return prompts
 
 
 def register(subparsers) -> None:
@@ -50,6 +71,12 @@ def register(subparsers) -> None:
     b.add_argument("--prompts", nargs="+", default=None, help="The base's dark / mid / bright prompts.")
     b.add_argument("--black_prompt", default=None, help="Default: 'A solid black image'.")
     b.add_argument("--no_mechanism_check", action="store_true", help="Skip sampling the baseline from its leak.")
+    b.add_argument("--prior_prompts", nargs="+", default=[], metavar="PROMPT",
+                   help="Prior preservation: the base's sample for each prompt joins training with its caption. "
+                        "Default: none, the black image alone (Guttenberg's setup).")
+    b.add_argument("--prior_size", type=int, default=0, metavar="N",
+                   help="Shipped base only: prior preservation with N of its own training captions "
+                        "(docs/black-image-experiment.md measures 48).")
     for key in ("resolution", "max_train_steps", "train_batch_size", "rank", "lora_alpha"):
         b.add_argument(f"--{key}", type=int, default=None)
     b.add_argument("--learning_rate", type=float, default=None)
@@ -115,6 +142,14 @@ def run_black_image(args: argparse.Namespace) -> int:
         from dreambooth_offset.pretrain import PROFILE_PROMPTS
 
         prompts = [p for p in PROFILE_PROMPTS if p != bi.BLACK_PROMPT] if shipped else list(bi.GUTTENBERG_PROMPTS)
+    black_prompt = args.black_prompt or bi.BLACK_PROMPT
+    prior_prompts = list(args.prior_prompts)
+    if args.prior_size < 0:
+        raise UsageError(f"--prior_size {args.prior_size}: must be 0 (off) or more")
+    if args.prior_size:
+        if not shipped:
+            raise UsageError("--prior_size draws captions of the shipped base; for another base give --prior_prompts")
+        prior_prompts += shipped_prior_prompts(args.prior_size, [black_prompt, *prompts])
     if args.variants:
         unknown = [v for v in args.variants if v not in bi.VARIANTS]
         if unknown:
@@ -128,7 +163,7 @@ def run_black_image(args: argparse.Namespace) -> int:
         num_inference_steps=_pick(args.num_inference_steps, shipped, "num_inference_steps", 50),
         guidance_scale=_pick(args.guidance_scale, shipped, "guidance_scale", 7.5),
         sampler=args.sampler, mechanism_check=not args.no_mechanism_check,
-        black_prompt=args.black_prompt or bi.BLACK_PROMPT,
+        black_prompt=black_prompt, prior_prompts=tuple(prior_prompts),
     )
     results = bi.run_experiment(cfg)
     print()

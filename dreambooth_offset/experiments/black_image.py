@@ -51,6 +51,9 @@ class ExperimentConfig:
     sampler: str = "ddim"
     mechanism_check: bool = True
     black_prompt: str = BLACK_PROMPT
+    # Captions of a prior-preservation set: the base's own sample for each, with the caption beside
+    # it. Empty: plain DreamBooth on the black image alone, as in Guttenberg's experiment.
+    prior_prompts: tuple[str, ...] = ()
 
 
 # The noise settings the study compares (issue 5; docs/noise-variants.md). Each differs from
@@ -81,6 +84,29 @@ def make_black_image(folder: Path, resolution: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (resolution, resolution), (0, 0, 0)).save(folder / "black.png")
     return folder
+
+
+def make_prior_set(pipe, folder: Path, cfg: ExperimentConfig, resolution: int) -> dict:
+    """One base sample per caption of `cfg.prior_prompts` (sampler settings of the evaluation),
+    saved with its caption in a sidecar `.txt`; returns the trainer keys that train with them as
+    class images, so the prior loss holds the base's behaviour on many prompts, not one."""
+    from tqdm.auto import tqdm
+
+    from dreambooth_offset.prior import CLASS_SEED_BASE
+    from dreambooth_offset.sample import to_pil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    prompts, batch = list(cfg.prior_prompts), 8
+    for start in tqdm(range(0, len(prompts), batch), desc="prior images", unit="batch"):
+        chunk = range(start, min(start + batch, len(prompts)))
+        samples = generate(pipe, [prompts[i] for i in chunk], [CLASS_SEED_BASE + i for i in chunk],
+                           cfg.num_inference_steps, cfg.guidance_scale, resolution, resolution)
+        for i, image in zip(chunk, to_pil(samples.images)):
+            image.save(folder / f"prior-{i:04d}.png")
+            (folder / f"prior-{i:04d}.txt").write_text(prompts[i] + "\n")
+    return {"with_prior_preservation": True, "class_data_dir": str(folder), "caption_extension": ".txt",
+            "num_class_images": len(cfg.prior_prompts),
+            "class_prompt": "an image"}  # only for class images without a caption file: none here
 
 
 def _pipeline(parts, unet, text_encoder, sampler: str):
@@ -133,6 +159,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     instance_dir = make_black_image(out / "data" / "instance", resolution)
     base_pipe = _pipeline(base, base.unet, base.text_encoder, cfg.sampler)
     starts = start_latents(base_pipe, list(range(cfg.num_images)), resolution, resolution)
+    prior = make_prior_set(base_pipe, out / "data" / "prior", cfg, resolution) if cfg.prior_prompts else {}
 
     rows, samples = [], {}
     progress = tqdm(total=1 + len(cfg.variants) * len(cfg.seeds), desc="black-image runs", unit="run")
@@ -146,7 +173,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
             values = {"pretrained_model_name_or_path": cfg.model, "instance_data_dir": str(instance_dir),
                       "instance_prompt": cfg.black_prompt, "resolution": resolution, "center_crop": True,
                       "output_dir": str(run_dir), "report_to": "none", "seed": seed,
-                      **cfg.train, **variant.overrides}
+                      **prior, **cfg.train, **variant.overrides}
             result = train(load_config(None, values))
             pipe = _pipeline(result.parts, result.unet, result.text_encoder, cfg.sampler)
             rescale = default_guidance_rescale(result.config.noise.zero_terminal_snr)
@@ -176,7 +203,8 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
         "resolution": resolution,
         "settings": {"train": cfg.train, "seeds": list(cfg.seeds), "num_images": cfg.num_images,
                      "num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale,
-                     "sampler": cfg.sampler, "variants": {v.name: v.overrides for v in cfg.variants}},
+                     "sampler": cfg.sampler, "variants": {v.name: v.overrides for v in cfg.variants},
+                     "prior_prompts": list(cfg.prior_prompts)},
         "a_T": float(base.noise_scheduler.alphas_cumprod[-1].sqrt()),
         "runs": rows,
     }
@@ -199,11 +227,16 @@ def write_report(out: Path, cfg: ExperimentConfig, results: dict, samples: dict)
         f"Training seeds {list(cfg.seeds)}; {cfg.num_images} samples per prompt from sampling seeds "
         f"0..{cfg.num_images - 1}; {cfg.sampler} sampler, {cfg.num_inference_steps} steps, guidance {cfg.guidance_scale}.",
         f"Shared training settings: `{json.dumps(cfg.train)}`.",
+        (f"Prior preservation: {len(cfg.prior_prompts)} base samples with their captions (`data/prior/`), "
+         f"{sum(not p for p in cfg.prior_prompts)} of them unconditional." if cfg.prior_prompts
+         else "No prior preservation: the black image is the only training image."),
         "Variants: " + "; ".join(f"**{v.name}** `{json.dumps(v.overrides)}`" for v in cfg.variants) + ".", "",
         "## Black prompt, per variant", "", report.summary_table(results["runs"], cfg.black_prompt), "",
         "## Every run and prompt", "",
-        f"Slope: least-squares slope of the sampled latents' channel means on the start noise's channel means; "
-        f"a model that cannot move the mean shows about 1/a_T = {1 / a_t:.1f}, one that learned it about 0.", "",
+        f"Slope: least-squares slope of the sampled latents' channel means on the start noise's channel means, "
+        f"fitted within channels (each channel's average over the images removed). A model that reads the "
+        f"brightness off the start noise shows up to 1/a_T = {1 / a_t:.1f} (less when it shrinks its reading toward "
+        f"the data's mean; compare the base's row), one that learned the brightness about 0.", "",
         report.markdown_table(results["runs"], prompts), "",
         "## Images", "",
         "Rows, top to bottom: " + ", ".join(samples) + ". Columns: sampling seeds.", "",
