@@ -22,15 +22,16 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 SIDECAR_SUFFIXES = {".txt", ".caption", ".json", ".jsonl", ".md", ".toml", ".npz"}
 
 
-def find_images(folder: str | Path, flag: str, allow_empty: bool = False) -> list[Path]:
+def find_images(folder: str | Path, flag: str, allow_empty: bool = False, caption_extension: str = "") -> list[Path]:
     """Every image file in `folder` (not recursive), sorted. Unreadable or truncated files raise,
-    naming the file; so does a file that is neither an image nor a known sidecar."""
+    naming the file; so does a file that is neither an image nor a sidecar (a known suffix, or
+    `caption_extension`)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UsageError(f"--{flag} {folder}: folder does not exist")
     paths = []
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
-        if path.suffix.lower() in SIDECAR_SUFFIXES:
+        if path.suffix.lower() in SIDECAR_SUFFIXES or (caption_extension and path.name.endswith(caption_extension)):
             continue
         try:
             with Image.open(path) as img:

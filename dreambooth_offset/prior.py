@@ -21,7 +21,7 @@ def ensure_class_images(parts, cfg: RunConfig, accelerator) -> list[Path]:
     wanted = cfg.data.num_class_images
     if accelerator.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
-        have = len(find_images(folder, "class_data_dir", allow_empty=True))
+        have = len(find_images(folder, "class_data_dir", allow_empty=True, caption_extension=cfg.data.caption_extension))
         if have < wanted:
             pipe = build_pipeline(parts.tokenizer, parts.text_encoder, parts.vae, parts.unet, parts.noise_scheduler.config)
             pipe.to(accelerator.device)
@@ -34,4 +34,4 @@ def ensure_class_images(parts, cfg: RunConfig, accelerator) -> list[Path]:
                 for seed, img in zip(chunk, to_pil(samples.images)):
                     img.save(folder / f"class-{seed}.png")
     accelerator.wait_for_everyone()
-    return find_images(folder, "class_data_dir")[:wanted]
+    return find_images(folder, "class_data_dir", caption_extension=cfg.data.caption_extension)[:wanted]

@@ -22,9 +22,10 @@ def check_inputs(cfg: RunConfig) -> None:
         raise UsageError("--instance_data_dir is required")
     if not cfg.data.instance_prompt:
         raise UsageError("--instance_prompt is required")
-    find_images(cfg.data.instance_data_dir, "instance_data_dir")
+    captions = cfg.data.caption_extension
+    find_images(cfg.data.instance_data_dir, "instance_data_dir", caption_extension=captions)
     if cfg.data.with_prior_preservation and Path(cfg.data.class_data_dir).is_dir():
-        find_images(cfg.data.class_data_dir, "class_data_dir", allow_empty=True)
+        find_images(cfg.data.class_data_dir, "class_data_dir", allow_empty=True, caption_extension=captions)
     out = Path(cfg.train.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -83,7 +84,8 @@ def prepare(cfg: RunConfig, accelerator) -> Prepared:
     out = Path(cfg.train.output_dir)
     parts = load_parts(cfg.model)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.mixed_precision]
-    paths = {"instance": find_images(cfg.data.instance_data_dir, "instance_data_dir")}
+    paths = {"instance": find_images(cfg.data.instance_data_dir, "instance_data_dir",
+                                     caption_extension=cfg.data.caption_extension)}
     prompts = {"instance": cfg.data.instance_prompt, "class": cfg.data.class_prompt}
     if cfg.data.with_prior_preservation:  # the base samples its class images with its own scheduler
         paths["class"] = prior.ensure_class_images(parts, cfg, accelerator)

@@ -59,6 +59,11 @@ def test_sidecar_captions_override_the_folder_prompt(tmp_path):
     assert read_captions(paths, ".txt", "a photo of sks dog") == ["a red circle on a blue background",
                                                                   "a photo of sks dog"]
     assert read_captions(paths, "", "a photo of sks dog") == ["a photo of sks dog"] * 2  # off by default
+    (tmp_path / "b.cap").write_text("any extension can hold captions")
+    with pytest.raises(UsageError, match="b.cap"):
+        find_images(tmp_path, "instance_data_dir")  # not a known sidecar suffix ...
+    assert find_images(tmp_path, "instance_data_dir", caption_extension=".cap") == paths  # ... unless named
+    assert read_captions(paths, ".cap", "x") == ["x", "any extension can hold captions"]
     (tmp_path / "b.caption").write_bytes(b"\xff\xfe not utf-8 \xc3")
     with pytest.raises(UsageError, match="b.caption"):
         read_captions(paths, ".caption", "x")
