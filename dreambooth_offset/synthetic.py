@@ -16,8 +16,6 @@ from torch import Tensor
 
 from dreambooth_offset.sample import luminance
 
-# Rec.709 luma weights (SCIENCE.md section 4).
-
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.85, 0.1, 0.1),
     "orange": (0.95, 0.55, 0.1),

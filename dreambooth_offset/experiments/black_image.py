@@ -90,20 +90,16 @@ def make_prior_set(pipe, folder: Path, cfg: ExperimentConfig, resolution: int) -
     """One base sample per caption of `cfg.prior_prompts` (sampler settings of the evaluation),
     saved with its caption in a sidecar `.txt`; returns the trainer keys that train with them as
     class images, so the prior loss holds the base's behaviour on many prompts, not one."""
-    from tqdm.auto import tqdm
-
     from dreambooth_offset.prior import CLASS_SEED_BASE
     from dreambooth_offset.sample import to_pil
 
     folder.mkdir(parents=True, exist_ok=True)
-    prompts, batch = list(cfg.prior_prompts), 8
-    for start in tqdm(range(0, len(prompts), batch), desc="prior images", unit="batch"):
-        chunk = range(start, min(start + batch, len(prompts)))
-        samples = generate(pipe, [prompts[i] for i in chunk], [CLASS_SEED_BASE + i for i in chunk],
-                           cfg.num_inference_steps, cfg.guidance_scale, resolution, resolution)
-        for i, image in zip(chunk, to_pil(samples.images)):
-            image.save(folder / f"prior-{i:04d}.png")
-            (folder / f"prior-{i:04d}.txt").write_text(prompts[i] + "\n")
+    prompts = list(cfg.prior_prompts)
+    samples = generate(pipe, prompts, [CLASS_SEED_BASE + i for i in range(len(prompts))],  # batches of 8 inside
+                       cfg.num_inference_steps, cfg.guidance_scale, resolution, resolution)
+    for i, (prompt, image) in enumerate(zip(prompts, to_pil(samples.images))):
+        image.save(folder / f"prior-{i:04d}.png")
+        (folder / f"prior-{i:04d}.txt").write_text(prompt + "\n")
     return {"with_prior_preservation": True, "class_data_dir": str(folder), "caption_extension": ".txt",
             "num_class_images": len(cfg.prior_prompts),
             "class_prompt": "an image"}  # only for class images without a caption file: none here
