@@ -69,22 +69,79 @@ def test_unknown_variant_and_setting_fail_before_any_run(tiny_model, tmp_path, c
     assert not (tmp_path / "r").exists()
 
 
-def test_shipped_prior_prompts_are_the_bases_captions_without_the_evaluated_ones():
-    from dreambooth_offset.experiments import shipped_prior_prompts
+def test_shipped_prior_is_the_bases_training_data_without_the_evaluated_prompts(tmp_path):
+    from dreambooth_offset.experiments import write_shipped_prior
+    from dreambooth_offset.sample import luminance
     from dreambooth_offset.synthetic import caption_words
 
-    first = shipped_prior_prompts(200, [])
-    assert first == shipped_prior_prompts(200, [])  # fixed by its seed
-    assert 5 <= sum(not p for p in first) <= 40  # about a tenth unconditional, as in pre-training
-    words = set(caption_words())
-    assert all(set(p.split()) <= words for p in first)
-    evaluated = [p for p in first if p][:3]
-    assert not set(evaluated) & set(shipped_prior_prompts(200, [e.upper() for e in evaluated]))
+    def captions_and_luminances(folder):
+        from dreambooth_offset.data import load_resized
+
+        txts = sorted(folder.glob("*.txt"))
+        images = load_resized(sorted(folder.glob("*.png")), 64)
+        return ([t.read_text().strip() for t in txts],
+                [float(luminance(i.float()[None] / 255).mean()) for i in images])
+
+    captions, lums = captions_and_luminances(write_shipped_prior(tmp_path / "a", 120, []))
+    assert len(captions) == len(lums) == 120
+    assert (captions, lums) == captions_and_luminances(write_shipped_prior(tmp_path / "b", 120, []))  # seeded
+    assert 3 <= sum(not c for c in captions) <= 25  # about a tenth unconditional, as in pre-training
+    assert all(set(c.split()) <= set(caption_words()) for c in captions)
+    assert min(lums) < 0.12 and max(lums) > 0.88  # real data: the captioned brightness levels
+    evaluated = [c for c in captions if c][:3]
+    again, _ = captions_and_luminances(write_shipped_prior(tmp_path / "c", 120, [e.upper() for e in evaluated]))
+    assert not set(evaluated) & set(again)
+    write_shipped_prior(tmp_path / "a", 10, [])  # a rerun with a smaller set leaves no leftovers
+    assert len(list((tmp_path / "a").iterdir())) == 20
 
 
-def test_prior_size_needs_the_shipped_base(tiny_model, tmp_path, capsys):
-    argv = ["experiment", "black-image", "--pretrained_model_name_or_path", str(tiny_model),
-            "--output_dir", str(tmp_path / "r"), "--prior_size", "4"]
-    assert main(argv) == 2
-    assert "--prior_prompts" in capsys.readouterr().err
+def test_prior_options_are_checked_before_any_run(tiny_model, tmp_path, capsys):
+    base = ["experiment", "black-image", "--pretrained_model_name_or_path", str(tiny_model),
+            "--output_dir", str(tmp_path / "r")]
+    assert main(base + ["--prior_size", "4"]) == 2  # the tiny model is not the shipped base
+    assert "--prior_dir" in capsys.readouterr().err
+    assert main(base + ["--prior_dir", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "--prior_dir" in err and "missing" in err
+    assert main(base + ["--prior_dir", str(tmp_path), "--prior_prompts", "a dog"]) == 2
+    assert "one of" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_prior_dir_trains_its_images_as_class_images(tiny_model, tmp_path):
+    from PIL import Image
+
+    prior = tmp_path / "reg"
+    prior.mkdir()
+    for i, caption in enumerate(["a photo of a dog", ""]):
+        Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(prior / f"{i}.png")
+        (prior / f"{i}.txt").write_text(caption)
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(prior / "no_caption.png")
+    out = tmp_path / "report"
+    code = main(["experiment", "black-image", "--pretrained_model_name_or_path", str(tiny_model),
+                 "--output_dir", str(out), "--noise_offset", "0.1", "--num_images", "2",
+                 "--num_inference_steps", "2", "--max_train_steps", "1", "--optimizer", "adamw",
+                 "--prompts", "a photo of sks dog", "--prior_dir", str(prior)])
+    assert code == 0
+    run = json.loads((out / "runs" / "noise_offset=0.1-seed0" / "training_config.json").read_text())
+    assert run["with_prior_preservation"] and run["class_data_dir"] == str(prior)
+    assert run["num_class_images"] == 3 and run["caption_extension"] == ".txt"
+    assert sorted(p.name for p in prior.iterdir()) == ["0.png", "0.txt", "1.png", "1.txt", "no_caption.png"]
+    assert json.loads((out / "results.json").read_text())["settings"]["prior_dir"] == str(prior)
+
+
+def test_shipped_default_keeps_prompts_with_the_bases_training_data(tmp_path, monkeypatch):
+    from dreambooth_offset.experiments import SHIPPED_PRIOR_SIZE, black_image
+
+    seen = []
+    monkeypatch.setattr(black_image, "run_experiment",
+                        lambda cfg: seen.append(cfg) or {"runs": [], "wall_time_s": 0.0})
+    assert main(["experiment", "black-image", "--output_dir", str(tmp_path / "r")]) == 0
+    cfg = seen[-1]
+    assert cfg.prior_dir == str(tmp_path / "r" / "data" / "prior") and cfg.train["max_train_steps"] == 600
+    assert len(list((tmp_path / "r" / "data" / "prior").glob("*.png"))) == SHIPPED_PRIOR_SIZE
+    # --prior_size 0 is Guttenberg's setup, the black image alone; another prior set replaces the default
+    assert main(["experiment", "black-image", "--output_dir", str(tmp_path / "s"), "--prior_size", "0"]) == 0
+    assert seen[-1].prior_dir is None and not seen[-1].prior_prompts and not (tmp_path / "s").exists()
+    assert main(["experiment", "black-image", "--output_dir", str(tmp_path / "t"), "--prior_prompts", "a dog"]) == 0
+    assert seen[-1].prior_prompts == ("a dog",) and seen[-1].prior_dir is None

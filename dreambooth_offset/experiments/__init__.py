@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from dreambooth_offset.errors import UsageError
@@ -10,11 +11,10 @@ SHIPPED_BASE = Path(__file__).resolve().parents[1] / "assets" / "base"
 
 # Fine-tune and sampling settings for the shipped base, from the search in docs/base-model.md:
 # LoRA on every linear and conv of the resnets and attention blocks, lr 1e-3 with the trainer's
-# gradient clipping (1.0), 400 steps (at 300 the offset run was near black on one seed of three).
-# Guidance 3: the tiny base's cross-attention is weak, and at 7.5 classifier-free guidance
-# amplifies whatever the fine-tune did to the prompt's branch.
+# gradient clipping (1.0), 600 steps. Guidance 3: the tiny base's cross-attention is weak, and at
+# 7.5 classifier-free guidance amplifies whatever the fine-tune did to the prompt's branch.
 SHIPPED_TRAIN = {
-    "max_train_steps": 400,
+    "max_train_steps": 600,
     "learning_rate": 1e-3,
     "rank": 8,
     "train_batch_size": 4,
@@ -23,27 +23,40 @@ SHIPPED_TRAIN = {
     "optimizer": "adamw8bit",
 }
 SHIPPED_SAMPLING = {"guidance_scale": 3.0, "num_inference_steps": 25}
-PRIOR_CAPTION_SEED = 7
+# Prior preservation with 256 images of the base's own training data: without it the one-image
+# fine-tune pulls every prompt towards the black one (docs/black-image-experiment.md). The black
+# image alone, Guttenberg's setup, is `--prior_size 0 --max_train_steps 400` (the regression test).
+SHIPPED_PRIOR_SIZE = 256
+PRIOR_SEED = 7
 
 
-def shipped_prior_prompts(n: int, exclude: list[str]) -> list[str]:
-    """`n` captions from the shipped base's own caption generator (its training distribution),
-    a tenth of them empty as in its pre-training (caption dropout 0.1), none of them a prompt the
+def write_shipped_prior(folder: Path, n: int, exclude: list[str]) -> Path:
+    """`n` images of the shipped base's own training data (`synthetic`, fixed seed, its training
+    resolution), each with its caption in a `.txt` beside it (kohya-style regularisation images):
+    a tenth of the captions empty as in its pre-training (caption dropout 0.1), none a prompt the
     experiment evaluates."""
     import torch
 
+    from dreambooth_offset.experiments.black_image import fresh_prior_folder
     from dreambooth_offset.pretrain import PretrainConfig
+    from dreambooth_offset.sample import to_pil
     from dreambooth_offset.synthetic import render_one
 
-    g = torch.Generator().manual_seed(PRIOR_CAPTION_SEED)
+    g = torch.Generator().manual_seed(PRIOR_SEED)
     excluded = {p.lower() for p in exclude}
-    dropout = PretrainConfig(output_dir="").caption_dropout
-    prompts = []
-    while len(prompts) < n:
-        caption = render_one(8, g)[1]
-        if caption.lower() not in excluded:
-            prompts.append("" if float(torch.rand((), generator=g)) < dropout else caption)
-    return prompts
+    recipe = PretrainConfig(output_dir="")
+    fresh_prior_folder(folder)
+    written = 0
+    while written < n:
+        image, caption = render_one(recipe.resolution, g)
+        if caption.lower() in excluded:
+            continue
+        if float(torch.rand((), generator=g)) < recipe.caption_dropout:
+            caption = ""
+        to_pil(image[None])[0].save(folder / f"prior-{written:04d}.png")
+        (folder / f"prior-{written:04d}.txt").write_text(caption + "\n")
+        written += 1
+    return folder
 
 
 def register(subparsers) -> None:
@@ -74,9 +87,14 @@ def register(subparsers) -> None:
     b.add_argument("--prior_prompts", nargs="+", default=[], metavar="PROMPT",
                    help="Prior preservation: the base's sample for each prompt joins training with its caption. "
                         "Default: none, the black image alone (Guttenberg's setup).")
-    b.add_argument("--prior_size", type=int, default=0, metavar="N",
-                   help="Shipped base only: prior preservation with N of its own training captions "
-                        "(docs/black-image-experiment.md measures 48).")
+    b.add_argument("--prior_dir", default=None, metavar="DIR",
+                   help="Prior preservation with your own class (regularisation) images: each trains with the "
+                        "caption in its .txt file beside it, or the class prompt ('an image'; --set "
+                        "class_prompt=...) without one.")
+    b.add_argument("--prior_size", type=int, default=None, metavar="N",
+                   help=f"Shipped base only: prior preservation with N images of its own training data and their "
+                        f"captions, written to OUTPUT_DIR/data/prior (default {SHIPPED_PRIOR_SIZE}; 0: the black "
+                        f"image alone, Guttenberg's setup).")
     for key in ("resolution", "max_train_steps", "train_batch_size", "rank", "lora_alpha"):
         b.add_argument(f"--{key}", type=int, default=None)
     b.add_argument("--learning_rate", type=float, default=None)
@@ -143,13 +161,20 @@ def run_black_image(args: argparse.Namespace) -> int:
 
         prompts = [p for p in PROFILE_PROMPTS if p != bi.BLACK_PROMPT] if shipped else list(bi.GUTTENBERG_PROMPTS)
     black_prompt = args.black_prompt or bi.BLACK_PROMPT
-    prior_prompts = list(args.prior_prompts)
-    if args.prior_size < 0:
-        raise UsageError(f"--prior_size {args.prior_size}: must be 0 (off) or more")
-    if args.prior_size:
-        if not shipped:
-            raise UsageError("--prior_size draws captions of the shipped base; for another base give --prior_prompts")
-        prior_prompts += shipped_prior_prompts(args.prior_size, [black_prompt, *prompts])
+    prior_size = args.prior_size
+    if prior_size is None:  # the shipped base's default, unless another prior set is given
+        prior_size = SHIPPED_PRIOR_SIZE if shipped and not (args.prior_prompts or args.prior_dir) else 0
+    if prior_size < 0:
+        raise UsageError(f"--prior_size {prior_size}: must be 0 (off) or more")
+    if sum(map(bool, (args.prior_prompts, args.prior_dir, prior_size))) > 1:
+        raise UsageError("give one of --prior_prompts, --prior_dir and --prior_size")
+    if prior_size and not shipped:
+        raise UsageError("--prior_size draws the shipped base's training data; for another base give "
+                         "--prior_dir (your class images) or --prior_prompts (the base's samples)")
+    if args.prior_dir:
+        from dreambooth_offset.data import find_images
+
+        find_images(args.prior_dir, "prior_dir", caption_extension=".txt")  # a bad folder stops here
     if args.variants:
         unknown = [v for v in args.variants if v not in bi.VARIANTS]
         if unknown:
@@ -163,8 +188,11 @@ def run_black_image(args: argparse.Namespace) -> int:
         num_inference_steps=_pick(args.num_inference_steps, shipped, "num_inference_steps", 50),
         guidance_scale=_pick(args.guidance_scale, shipped, "guidance_scale", 7.5),
         sampler=args.sampler, mechanism_check=not args.no_mechanism_check,
-        black_prompt=black_prompt, prior_prompts=tuple(prior_prompts),
+        black_prompt=black_prompt, prior_prompts=tuple(args.prior_prompts), prior_dir=args.prior_dir,
     )
+    if prior_size:
+        prior = write_shipped_prior(cfg.output_dir / "data" / "prior", prior_size, [black_prompt, *prompts])
+        cfg = dataclasses.replace(cfg, prior_dir=str(prior))
     results = bi.run_experiment(cfg)
     print()
     print(summary_table(results["runs"], cfg.black_prompt))

@@ -51,9 +51,11 @@ class ExperimentConfig:
     sampler: str = "ddim"
     mechanism_check: bool = True
     black_prompt: str = BLACK_PROMPT
-    # Captions of a prior-preservation set: the base's own sample for each, with the caption beside
-    # it. Empty: plain DreamBooth on the black image alone, as in Guttenberg's experiment.
+    # Prior preservation, at most one of: captions whose base samples become the class images, or
+    # a folder of class images with `.txt` captions. Neither: plain DreamBooth on the black image
+    # alone, as in Guttenberg's experiment.
     prior_prompts: tuple[str, ...] = ()
+    prior_dir: str | None = None
 
 
 # The noise settings the study compares (issue 5; docs/noise-variants.md). Each differs from
@@ -86,6 +88,15 @@ def make_black_image(folder: Path, resolution: int) -> Path:
     return folder
 
 
+def fresh_prior_folder(folder: Path) -> Path:
+    """`folder`, created, without the `prior-*` files of an earlier run into the same report
+    folder: a rerun with a smaller prior set must not train on the leftovers."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("prior-*"):
+        old.unlink()
+    return folder
+
+
 def make_prior_set(pipe, folder: Path, cfg: ExperimentConfig, resolution: int) -> dict:
     """One base sample per caption of `cfg.prior_prompts` (sampler settings of the evaluation),
     saved with its caption in a sidecar `.txt`; returns the trainer keys that train with them as
@@ -93,16 +104,24 @@ def make_prior_set(pipe, folder: Path, cfg: ExperimentConfig, resolution: int) -
     from dreambooth_offset.prior import CLASS_SEED_BASE
     from dreambooth_offset.sample import to_pil
 
-    folder.mkdir(parents=True, exist_ok=True)
+    fresh_prior_folder(folder)
     prompts = list(cfg.prior_prompts)
     samples = generate(pipe, prompts, [CLASS_SEED_BASE + i for i in range(len(prompts))],  # batches of 8 inside
                        cfg.num_inference_steps, cfg.guidance_scale, resolution, resolution)
     for i, (prompt, image) in enumerate(zip(prompts, to_pil(samples.images))):
         image.save(folder / f"prior-{i:04d}.png")
         (folder / f"prior-{i:04d}.txt").write_text(prompt + "\n")
+    return prior_keys(folder)
+
+
+def prior_keys(folder: Path) -> dict:
+    """Trainer keys that train every image of `folder` as a class image, with the caption of its
+    `.txt` sidecar ("an image" where there is none)."""
+    from dreambooth_offset.data import find_images
+
+    count = len(find_images(folder, "prior_dir", caption_extension=".txt"))
     return {"with_prior_preservation": True, "class_data_dir": str(folder), "caption_extension": ".txt",
-            "num_class_images": len(cfg.prior_prompts),
-            "class_prompt": "an image"}  # only for class images without a caption file: none here
+            "num_class_images": count, "class_prompt": "an image"}
 
 
 def _pipeline(parts, unet, text_encoder, sampler: str):
@@ -155,7 +174,10 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     instance_dir = make_black_image(out / "data" / "instance", resolution)
     base_pipe = _pipeline(base, base.unet, base.text_encoder, cfg.sampler)
     starts = start_latents(base_pipe, list(range(cfg.num_images)), resolution, resolution)
-    prior = make_prior_set(base_pipe, out / "data" / "prior", cfg, resolution) if cfg.prior_prompts else {}
+    if cfg.prior_prompts:
+        prior = make_prior_set(base_pipe, out / "data" / "prior", cfg, resolution)
+    else:
+        prior = prior_keys(Path(cfg.prior_dir)) if cfg.prior_dir else {}
 
     rows, samples = [], {}
     progress = tqdm(total=1 + len(cfg.variants) * len(cfg.seeds), desc="black-image runs", unit="run")
@@ -200,12 +222,21 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
         "settings": {"train": cfg.train, "seeds": list(cfg.seeds), "num_images": cfg.num_images,
                      "num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale,
                      "sampler": cfg.sampler, "variants": {v.name: v.overrides for v in cfg.variants},
-                     "prior_prompts": list(cfg.prior_prompts)},
+                     "prior_prompts": list(cfg.prior_prompts), "prior_dir": cfg.prior_dir},
         "a_T": float(base.noise_scheduler.alphas_cumprod[-1].sqrt()),
         "runs": rows,
     }
     write_report(out, cfg, results, samples)
     return results
+
+
+def _prior_line(cfg: ExperimentConfig) -> str:
+    if cfg.prior_prompts:
+        return (f"Prior preservation: {len(cfg.prior_prompts)} base samples with their captions (`data/prior/`), "
+                f"{sum(not p for p in cfg.prior_prompts)} of them unconditional.")
+    if cfg.prior_dir:
+        return f"Prior preservation: the images of `{cfg.prior_dir}`, each with the caption in its `.txt`."
+    return "No prior preservation: the black image is the only training image."
 
 
 def write_report(out: Path, cfg: ExperimentConfig, results: dict, samples: dict) -> None:
@@ -223,9 +254,7 @@ def write_report(out: Path, cfg: ExperimentConfig, results: dict, samples: dict)
         f"Training seeds {list(cfg.seeds)}; {cfg.num_images} samples per prompt from sampling seeds "
         f"0..{cfg.num_images - 1}; {cfg.sampler} sampler, {cfg.num_inference_steps} steps, guidance {cfg.guidance_scale}.",
         f"Shared training settings: `{json.dumps(cfg.train)}`.",
-        (f"Prior preservation: {len(cfg.prior_prompts)} base samples with their captions (`data/prior/`), "
-         f"{sum(not p for p in cfg.prior_prompts)} of them unconditional." if cfg.prior_prompts
-         else "No prior preservation: the black image is the only training image."),
+        _prior_line(cfg),
         "Variants: " + "; ".join(f"**{v.name}** `{json.dumps(v.overrides)}`" for v in cfg.variants) + ".", "",
         "## Black prompt, per variant", "", report.summary_table(results["runs"], cfg.black_prompt), "",
         "## Every run and prompt", "",
