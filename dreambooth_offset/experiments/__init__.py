@@ -37,7 +37,7 @@ def write_shipped_prior(folder: Path, n: int, exclude: list[str]) -> Path:
     experiment evaluates."""
     import torch
 
-    from dreambooth_offset.experiments.black_image import fresh_prior_folder
+    from dreambooth_offset.experiments.black_image import write_prior_set
     from dreambooth_offset.pretrain import PretrainConfig
     from dreambooth_offset.sample import to_pil
     from dreambooth_offset.synthetic import render_one
@@ -45,18 +45,14 @@ def write_shipped_prior(folder: Path, n: int, exclude: list[str]) -> Path:
     g = torch.Generator().manual_seed(PRIOR_SEED)
     excluded = {p.lower() for p in exclude}
     recipe = PretrainConfig(output_dir="")
-    fresh_prior_folder(folder)
-    written = 0
-    while written < n:
+    images, captions = [], []
+    while len(images) < n:
         image, caption = render_one(recipe.resolution, g)
         if caption.lower() in excluded:
             continue
-        if float(torch.rand((), generator=g)) < recipe.caption_dropout:
-            caption = ""
-        to_pil(image[None])[0].save(folder / f"prior-{written:04d}.png")
-        (folder / f"prior-{written:04d}.txt").write_text(caption + "\n")
-        written += 1
-    return folder
+        images += to_pil(image[None])
+        captions.append("" if float(torch.rand((), generator=g)) < recipe.caption_dropout else caption)
+    return write_prior_set(folder, images, captions)
 
 
 def register(subparsers) -> None:

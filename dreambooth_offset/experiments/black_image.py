@@ -88,12 +88,15 @@ def make_black_image(folder: Path, resolution: int) -> Path:
     return folder
 
 
-def fresh_prior_folder(folder: Path) -> Path:
-    """`folder`, created, without the `prior-*` files of an earlier run into the same report
-    folder: a rerun with a smaller prior set must not train on the leftovers."""
+def write_prior_set(folder: Path, images: list[Image.Image], captions: list[str]) -> Path:
+    """`prior-NNNN.png` with its caption in `prior-NNNN.txt`, per image. The `prior-*` files of an
+    earlier run into the same report folder go first: a smaller set must not train on leftovers."""
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("prior-*"):
         old.unlink()
+    for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
+        image.save(folder / f"prior-{i:04d}.png")
+        (folder / f"prior-{i:04d}.txt").write_text(caption + "\n")
     return folder
 
 
@@ -104,14 +107,10 @@ def make_prior_set(pipe, folder: Path, cfg: ExperimentConfig, resolution: int) -
     from dreambooth_offset.prior import CLASS_SEED_BASE
     from dreambooth_offset.sample import to_pil
 
-    fresh_prior_folder(folder)
     prompts = list(cfg.prior_prompts)
     samples = generate(pipe, prompts, [CLASS_SEED_BASE + i for i in range(len(prompts))],  # batches of 8 inside
                        cfg.num_inference_steps, cfg.guidance_scale, resolution, resolution)
-    for i, (prompt, image) in enumerate(zip(prompts, to_pil(samples.images))):
-        image.save(folder / f"prior-{i:04d}.png")
-        (folder / f"prior-{i:04d}.txt").write_text(prompt + "\n")
-    return prior_keys(folder)
+    return prior_keys(write_prior_set(folder, to_pil(samples.images), prompts))
 
 
 def prior_keys(folder: Path) -> dict:
