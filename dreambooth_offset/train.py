@@ -89,7 +89,9 @@ def write_lora_files(directory: Path, unet, text_encoder, cfg: RunConfig, noise_
     return path
 
 
-def train(cfg: RunConfig) -> TrainResult:
+def train(cfg: RunConfig, progress_bar: dict | None = None) -> TrainResult:
+    """Run the configured training; `progress_bar` holds extra tqdm arguments for the step bar
+    (a `desc` naming the run, a `position` when several runs share a terminal)."""
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -125,7 +127,7 @@ def train(cfg: RunConfig) -> TrainResult:
 
     accum = cfg.train.gradient_accumulation_steps
     bar = tqdm(range(first_step, cfg.train.max_train_steps), initial=first_step, total=cfg.train.max_train_steps,
-               desc="train", disable=not accelerator.is_local_main_process)
+               **{"desc": "train", **(progress_bar or {})}, disable=not accelerator.is_local_main_process)
     first_done = None
     trained_models = [m for m in (unet, text_encoder) if m is not None]
     for model in trained_models:

@@ -59,6 +59,28 @@ def test_report_files_and_schema(tiny_model, tmp_path, capsys):
         assert (out / name).is_file()
 
 
+def test_parallel_runs_match_one_at_a_time(tiny_model, tmp_path):
+    # the same runs in worker processes: same rows in the same order, same figures (up to the
+    # float noise of another thread count), the LoRA files written where a sequential run puts them
+    results = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"jobs{jobs}"
+        assert main(["experiment", "black-image", "--pretrained_model_name_or_path", str(tiny_model),
+                     "--output_dir", str(out), "--seeds", "0", "1", "--num_images", "2", "--num_inference_steps", "2",
+                     "--max_train_steps", "3", "--prompts", "a photo of sks dog", "--optimizer", "adamw",
+                     "--jobs", str(jobs)]) == 0
+        results[jobs] = json.loads((out / "results.json").read_text())
+        assert results[jobs]["settings"]["jobs"] == jobs
+        assert len(list((out / "runs").glob("*/pytorch_lora_weights.safetensors"))) == 4
+    one, two = ([(r["name"], r["seed"], r["prompts"]) for r in results[j]["runs"]] for j in (1, 2))
+    assert [row[:2] for row in one] == [row[:2] for row in two] == [
+        ("base", None), ("noise_offset=0", 0), ("noise_offset=0, start from the leak", 0), ("noise_offset=0.1", 0),
+        ("noise_offset=0", 1), ("noise_offset=0.1", 1)]
+    for (_, _, a), (_, _, b) in zip(one, two):
+        for prompt in a:
+            assert abs(a[prompt]["mean_luminance"] - b[prompt]["mean_luminance"]) < 1e-3, (prompt, a, b)
+
+
 def test_unknown_variant_and_setting_fail_before_any_run(tiny_model, tmp_path, capsys):
     base = ["experiment", "black-image", "--pretrained_model_name_or_path", str(tiny_model),
             "--output_dir", str(tmp_path / "r")]
@@ -66,6 +88,8 @@ def test_unknown_variant_and_setting_fail_before_any_run(tiny_model, tmp_path, c
     assert "nope" in capsys.readouterr().err
     assert main(base + ["--set", "noise_ofset=0.1"]) == 2
     assert "noise_ofset" in capsys.readouterr().err
+    assert main(base + ["--jobs", "0"]) == 2
+    assert "--jobs" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 

@@ -77,6 +77,9 @@ def register(subparsers) -> None:
     b.add_argument("--num_inference_steps", type=int, default=None, help="Default: 50 (25 on the shipped base).")
     b.add_argument("--guidance_scale", type=float, default=None, help="Default: 7.5 (3 on the shipped base).")
     b.add_argument("--sampler", default="ddim", choices=("ddim", "dpm", "euler", "ddpm"))
+    b.add_argument("--jobs", type=int, default=None,
+                   help="Fine-tunes run at once, each in its own process (default: one per CPU core without a "
+                        "GPU, 1 with one).")
     b.add_argument("--prompts", nargs="+", default=None, help="The base's dark / mid / bright prompts.")
     b.add_argument("--black_prompt", default=None, help="Default: 'A solid black image'.")
     b.add_argument("--no_mechanism_check", action="store_true", help="Skip sampling the baseline from its leak.")
@@ -149,6 +152,8 @@ def run_black_image(args: argparse.Namespace) -> int:
     from dreambooth_offset.config import load_config
 
     load_config(None, train)  # unknown keys and bad values stop here, before minutes of work
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError(f"--jobs {args.jobs}: must be 1 or more")
     if args.num_images < 2:
         raise UsageError("--num_images must be at least 2 (the slope diagnostic fits a line)")
     prompts = args.prompts
@@ -185,6 +190,7 @@ def run_black_image(args: argparse.Namespace) -> int:
         guidance_scale=_pick(args.guidance_scale, shipped, "guidance_scale", 7.5),
         sampler=args.sampler, mechanism_check=not args.no_mechanism_check,
         black_prompt=black_prompt, prior_prompts=tuple(args.prior_prompts), prior_dir=args.prior_dir,
+        jobs=args.jobs,
     )
     if prior_size:
         prior = write_shipped_prior(cfg.output_dir / "data" / "prior", prior_size, [black_prompt, *prompts])

@@ -56,6 +56,7 @@ class ExperimentConfig:
     # alone, as in Guttenberg's experiment.
     prior_prompts: tuple[str, ...] = ()
     prior_dir: str | None = None
+    jobs: int | None = None  # fine-tunes run at once; None: `default_jobs`
 
 
 # The noise settings the study compares (issue 5; docs/noise-variants.md). Each differs from
@@ -158,12 +159,99 @@ def leak_starts(pipe, instance_dir: Path, cfg: ExperimentConfig, starts: torch.T
     return abar.sqrt() * x0 + (1 - abar).sqrt() * starts
 
 
+@dataclass(frozen=True)
+class RunInputs:
+    """What every fine-tune of an experiment shares, passed to each run (also to worker processes)."""
+
+    cfg: ExperimentConfig
+    instance_dir: Path
+    prior: dict  # trainer keys of the prior set (class_data_dir ...), or empty
+    resolution: int
+    starts: torch.Tensor  # the sampling start latents, the same for every run
+
+
+def run_one(shared: RunInputs, seed: int, variant: Variant, position: int | None = None) -> list[tuple[dict, dict]]:
+    """Fine-tune one (variant, seed) through the real trainer and sample it: a (row, samples per
+    prompt) pair, and a second one for the mechanism check on the plain baseline of the first seed."""
+    from dreambooth_offset.train import train
+
+    cfg, name = shared.cfg, variant.name
+    values = {"pretrained_model_name_or_path": cfg.model, "instance_data_dir": str(shared.instance_dir),
+              "instance_prompt": cfg.black_prompt, "resolution": shared.resolution, "center_crop": True,
+              "output_dir": str(Path(cfg.output_dir) / "runs" / f"{name}-seed{seed}"), "report_to": "none",
+              "seed": seed, **shared.prior, **cfg.train, **variant.overrides}
+    bar = {"desc": f"{name} seed {seed}"} | ({"position": position, "leave": False} if position is not None else {})
+    result = train(load_config(None, values), progress_bar=bar)
+    pipe = _pipeline(result.parts, result.unet, result.text_encoder, cfg.sampler)
+    rescale = default_guidance_rescale(result.config.noise.zero_terminal_snr)
+    offset = result.config.noise.noise_offset  # a number, also for "auto"
+    out = [({"name": name, "noise_offset": offset, "seed": seed, "train_seconds": round(result.seconds, 1)},
+            sample_prompts(pipe, cfg, shared.resolution, shared.starts, rescale))]
+    # The leak start is x_t in the VP parametrisation, which the pipeline takes as-is only when
+    # init_noise_sigma is 1 (DDIM, DDPM, DPM-Solver; not Euler's sigma space).
+    plain = variant.overrides == {"noise_offset": 0.0}  # plain DreamBooth, the baseline
+    if cfg.mechanism_check and plain and seed == cfg.seeds[0] and pipe.scheduler.init_noise_sigma == 1:
+        leak = leak_starts(pipe, shared.instance_dir, cfg, shared.starts)
+        out.append(({"name": f"{name}, start from the leak", "noise_offset": offset, "seed": seed, "train_seconds": 0.0},
+                    sample_prompts(pipe, cfg, shared.resolution, leak, prompts=(cfg.black_prompt,))))
+    return out
+
+
+def default_jobs(runs: int) -> int:
+    """Fine-tunes to run at once: one per CPU core on a CPU-only machine (a small model gains
+    little from a second thread, so parallel runs nearly halve the wall time on 2 cores), one on
+    a GPU (a real checkpoint wants the whole card)."""
+    import os
+
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        return 1
+    return max(1, min(runs, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+_worker_slot = None  # this worker process's number, 1 .. jobs: its progress bar's line
+
+
+def _init_worker(counter, threads: int) -> None:
+    global _worker_slot
+    torch.set_num_threads(threads)
+    with counter.get_lock():
+        counter.value += 1
+        _worker_slot = counter.value
+
+
+def _run_in_worker(shared: RunInputs, seed: int, variant: Variant) -> list[tuple[dict, dict]]:
+    return run_one(shared, seed, variant, position=_worker_slot)
+
+
+def run_all(shared: RunInputs, jobs: int, progress) -> list[tuple[dict, dict]]:
+    """Every (seed, variant) run's (row, samples) pairs, in that order. With `jobs` > 1 the runs go
+    to as many spawned worker processes, each with an equal share of the CPU threads."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    cfg = shared.cfg
+    todo = [(seed, variant) for seed in cfg.seeds for variant in cfg.variants]
+    done: dict[int, list] = {}
+    if jobs <= 1:
+        for i, (seed, variant) in enumerate(todo):
+            done[i] = run_one(shared, seed, variant)
+            progress.update()
+    else:
+        ctx = multiprocessing.get_context("spawn")  # forking a process that has run torch can hang
+        with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(ctx.Value("i", 0), max(1, torch.get_num_threads() // jobs))) as pool:
+            futures = {pool.submit(_run_in_worker, shared, seed, variant): i for i, (seed, variant) in enumerate(todo)}
+            for future in as_completed(futures):
+                done[futures[future]] = future.result()
+                progress.update()
+    return [pair for i in range(len(todo)) for pair in done[i]]
+
+
 def run_experiment(cfg: ExperimentConfig) -> dict:
     from tqdm.auto import tqdm
 
     from dreambooth_offset.config import ModelConfig
     from dreambooth_offset.models import load_parts
-    from dreambooth_offset.train import train
 
     started = time.time()
     out = Path(cfg.output_dir)
@@ -178,35 +266,15 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     else:
         prior = prior_keys(Path(cfg.prior_dir)) if cfg.prior_dir else {}
 
-    rows, samples = [], {}
-    progress = tqdm(total=1 + len(cfg.variants) * len(cfg.seeds), desc="black-image runs", unit="run")
-    samples["base"] = sample_prompts(base_pipe, cfg, resolution, starts)
-    rows.append({"name": "base", "noise_offset": None, "seed": None, "train_seconds": 0.0})
+    runs = len(cfg.variants) * len(cfg.seeds)
+    jobs = min(cfg.jobs or default_jobs(runs), runs)
+    progress = tqdm(total=1 + runs, desc="black-image runs", unit="run")
+    rows = [{"name": "base", "noise_offset": None, "seed": None, "train_seconds": 0.0}]
+    samples = {"base": sample_prompts(base_pipe, cfg, resolution, starts)}
     progress.update()
-    for seed in cfg.seeds:
-        for variant in cfg.variants:
-            name = variant.name
-            run_dir = out / "runs" / f"{name}-seed{seed}"
-            values = {"pretrained_model_name_or_path": cfg.model, "instance_data_dir": str(instance_dir),
-                      "instance_prompt": cfg.black_prompt, "resolution": resolution, "center_crop": True,
-                      "output_dir": str(run_dir), "report_to": "none", "seed": seed,
-                      **prior, **cfg.train, **variant.overrides}
-            result = train(load_config(None, values))
-            pipe = _pipeline(result.parts, result.unet, result.text_encoder, cfg.sampler)
-            rescale = default_guidance_rescale(result.config.noise.zero_terminal_snr)
-            samples[f"{name}-seed{seed}"] = sample_prompts(pipe, cfg, resolution, starts, rescale)
-            offset = result.config.noise.noise_offset  # a number, also for "auto"
-            rows.append({"name": name, "noise_offset": offset, "seed": seed, "train_seconds": round(result.seconds, 1)})
-            # The leak start is x_t in the VP parametrisation, which the pipeline takes as-is only
-            # when init_noise_sigma is 1 (DDIM, DDPM, DPM-Solver; not Euler's sigma space).
-            plain = variant.overrides == {"noise_offset": 0.0}  # plain DreamBooth, the baseline
-            if cfg.mechanism_check and plain and seed == cfg.seeds[0] and pipe.scheduler.init_noise_sigma == 1:
-                leak = leak_starts(pipe, instance_dir, cfg, starts)
-                samples[f"{name}, start from the leak-seed{seed}"] = sample_prompts(
-                    pipe, cfg, resolution, leak, prompts=(cfg.black_prompt,))
-                rows.append({"name": f"{name}, start from the leak", "noise_offset": offset, "seed": seed,
-                             "train_seconds": 0.0})
-            progress.update()
+    for row, run_samples in run_all(RunInputs(cfg, instance_dir, prior, resolution, starts), jobs, progress):
+        rows.append(row)
+        samples[f"{row['name']}-seed{row['seed']}"] = run_samples
     progress.close()
 
     for row in rows:
@@ -221,7 +289,8 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
         "settings": {"train": cfg.train, "seeds": list(cfg.seeds), "num_images": cfg.num_images,
                      "num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale,
                      "sampler": cfg.sampler, "variants": {v.name: v.overrides for v in cfg.variants},
-                     "prior_prompts": list(cfg.prior_prompts), "prior_dir": cfg.prior_dir},
+                     "prior_prompts": list(cfg.prior_prompts), "prior_dir": cfg.prior_dir,
+                     "jobs": jobs},
         "a_T": float(base.noise_scheduler.alphas_cumprod[-1].sqrt()),
         "runs": rows,
     }
