@@ -241,9 +241,13 @@ def run_all(shared: RunInputs, jobs: int, progress) -> list[tuple[dict, dict]]:
         with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
                                  initargs=(ctx.Value("i", 0), max(1, torch.get_num_threads() // jobs))) as pool:
             futures = {pool.submit(_run_in_worker, shared, seed, variant): i for i, (seed, variant) in enumerate(todo)}
-            for future in as_completed(futures):
-                done[futures[future]] = future.result()
-                progress.update()
+            try:
+                for future in as_completed(futures):
+                    done[futures[future]] = future.result()
+                    progress.update()
+            except BaseException:  # a failed run stops the experiment: drop the runs not yet started
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
     return [pair for i in range(len(todo)) for pair in done[i]]
 
 
