@@ -197,7 +197,7 @@ def run_one(shared: RunInputs, seed: int, variant: Variant, position: int | None
     return out
 
 
-def default_jobs(runs: int) -> int:
+def default_jobs() -> int:
     """Fine-tunes to run at once: one per CPU core on a CPU-only machine (a small model gains
     little from a second thread, so parallel runs nearly halve the wall time on 2 cores), one on
     a GPU (a real checkpoint wants the whole card)."""
@@ -205,7 +205,7 @@ def default_jobs(runs: int) -> int:
 
     if torch.cuda.is_available() or torch.backends.mps.is_available():
         return 1
-    return max(1, min(runs, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 _worker_slot = None  # this worker process's number, 1 .. jobs: its progress bar's line
@@ -231,24 +231,25 @@ def run_all(shared: RunInputs, jobs: int, progress) -> list[tuple[dict, dict]]:
 
     cfg = shared.cfg
     todo = [(seed, variant) for seed in cfg.seeds for variant in cfg.variants]
-    done: dict[int, list] = {}
     if jobs <= 1:
-        for i, (seed, variant) in enumerate(todo):
-            done[i] = run_one(shared, seed, variant)
+        done = []
+        for seed, variant in todo:
+            done.append(run_one(shared, seed, variant))
             progress.update()
     else:
         ctx = multiprocessing.get_context("spawn")  # forking a process that has run torch can hang
         with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
                                  initargs=(ctx.Value("i", 0), max(1, torch.get_num_threads() // jobs))) as pool:
-            futures = {pool.submit(_run_in_worker, shared, seed, variant): i for i, (seed, variant) in enumerate(todo)}
+            futures = [pool.submit(_run_in_worker, shared, seed, variant) for seed, variant in todo]
             try:
                 for future in as_completed(futures):
-                    done[futures[future]] = future.result()
+                    future.result()  # the first failure raises here, not after the slowest run
                     progress.update()
             except BaseException:  # a failed run stops the experiment: drop the runs not yet started
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
-    return [pair for i in range(len(todo)) for pair in done[i]]
+        done = [future.result() for future in futures]
+    return [pair for pairs in done for pair in pairs]
 
 
 def run_experiment(cfg: ExperimentConfig) -> dict:
@@ -271,20 +272,20 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
         prior = prior_keys(Path(cfg.prior_dir)) if cfg.prior_dir else {}
 
     runs = len(cfg.variants) * len(cfg.seeds)
-    jobs = min(cfg.jobs or default_jobs(runs), runs)
+    jobs = min(cfg.jobs or default_jobs(), runs)
     progress = tqdm(total=1 + runs, desc="black-image runs", unit="run")
-    rows = [{"name": "base", "noise_offset": None, "seed": None, "train_seconds": 0.0}]
-    samples = {"base": sample_prompts(base_pipe, cfg, resolution, starts)}
+    pairs = [({"name": "base", "noise_offset": None, "seed": None, "train_seconds": 0.0},
+              sample_prompts(base_pipe, cfg, resolution, starts))]
     progress.update()
-    for row, run_samples in run_all(RunInputs(cfg, instance_dir, prior, resolution, starts), jobs, progress):
-        rows.append(row)
-        samples[f"{row['name']}-seed{row['seed']}"] = run_samples
+    pairs += run_all(RunInputs(cfg, instance_dir, prior, resolution, starts), jobs, progress)
     progress.close()
 
-    for row in rows:
-        key = row["name"] if row["seed"] is None else f"{row['name']}-seed{row['seed']}"
+    for row, run_samples in pairs:
         row["prompts"] = {p: report.stats_dict(report.prompt_stats(s.images, s.start_latents, s.final_latents))
-                          for p, s in samples[key].items()}
+                          for p, s in run_samples.items()}
+    rows = [row for row, _ in pairs]
+    samples = {row["name"] if row["seed"] is None else f"{row['name']}-seed{row['seed']}": run_samples
+               for row, run_samples in pairs}  # the grids' row labels
     results = {
         "black_prompt": cfg.black_prompt,
         "wall_time_s": round(time.time() - started, 1),
