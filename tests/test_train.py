@@ -167,6 +167,28 @@ def test_optimizer_states(tiny_model, instance_dir, tmp_path):
         assert moments and all(v.dtype == dtype for v in moments), name
 
 
+def test_adamw_is_fused_on_the_cpu_and_steps_like_the_reference():
+    from dreambooth_offset.config import OptimConfig
+    from dreambooth_offset.optim import make_optimizer
+
+    g = torch.Generator().manual_seed(0)
+    fused = [torch.nn.Parameter(torch.randn(n, 3, generator=g)) for n in (4, 64)]
+    plain = [torch.nn.Parameter(p.detach().clone()) for p in fused]
+    opt = make_optimizer(fused, OptimConfig(optimizer="adamw", learning_rate=0.1))
+    ref = torch.optim.AdamW(plain, lr=0.1, weight_decay=opt.defaults["weight_decay"], eps=opt.defaults["eps"],
+                            betas=opt.defaults["betas"], foreach=False)
+    assert opt.defaults["fused"]
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=g) for p in fused]
+        for ps in (fused, plain):
+            for p, grad in zip(ps, grads):
+                p.grad = grad.clone()
+        opt.step()
+        ref.step()
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b)
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tiny_model, instance_dir, tmp_path, capsys):
     out = tmp_path / "out"
     code = main(flags(tiny_model, instance_dir, out, learning_rate=1e30, max_grad_norm=0, optimizer="adamw",
