@@ -57,12 +57,18 @@ def trainer_rate(model: str, resolution: int, batch: int, steps: int, workdir: P
     return train(cfg).steps_per_second
 
 
-def bare_rate(model: str, resolution: int, batch: int, steps: int, optimizer: str) -> float:
+def lora_unet(model: str, adapter: AdapterConfig):
+    """The model's UNet, frozen, with a LoRA of `adapter`'s shape."""
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
     unet.requires_grad_(False)
-    add_adapters(unet, None, AdapterConfig())
+    add_adapters(unet, None, adapter)
+    return unet
+
+
+def bare_rate(model: str, resolution: int, batch: int, steps: int, optimizer: str) -> float:
+    unet = lora_unet(model, AdapterConfig())
     opt = make_optimizer(trainable_parameters(unet), OptimConfig(optimizer=optimizer))
     g = torch.Generator().manual_seed(0)
     from diffusers import AutoencoderKL
@@ -149,10 +155,7 @@ def main() -> None:
     print(f"bare     {statistics.median(bare):8.2f} steps/s  (runs: {', '.join(f'{v:.2f}' for v in bare)})")
     print(f"ratio    {statistics.median(ratios):8.3f}   (goal >= 0.95; per pair: {', '.join(f'{r:.3f}' for r in ratios)})")
 
-    unet = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet")
-    unet.requires_grad_(False)
-    add_adapters(unet, None, AdapterConfig())
-    for label, model in (("this model", unet), ("SD 1.5 UNet", sd15_lora_unet())):
+    for label, model in (("this model", lora_unet(args.model, AdapterConfig())), ("SD 1.5 UNet", sd15_lora_unet())):
         b8, b32 = optimizer_state_ratio(model)
         n = sum(p.numel() for p in trainable_parameters(model))
         print(f"optimizer state, {label}, LoRA r4 ({n:,} params): AdamW8bit {b8:,} B, AdamW {b32:,} B, "
@@ -160,11 +163,8 @@ def main() -> None:
 
     from dreambooth_offset.experiments import SHIPPED_TRAIN
 
-    unet = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet")
-    unet.requires_grad_(False)
-    add_adapters(unet, None, AdapterConfig(rank=SHIPPED_TRAIN["rank"],
-                                           unet_target_modules=tuple(SHIPPED_TRAIN["unet_target_modules"])))
-    params = trainable_parameters(unet)
+    params = trainable_parameters(lora_unet(args.model, AdapterConfig(
+        rank=SHIPPED_TRAIN["rank"], unet_target_modules=tuple(SHIPPED_TRAIN["unet_target_modules"]))))
     times = {name: optimizer_step_ms(params, name) for name in ("adamw8bit", "adamw")}
     print(f"optimizer.step(), the black-image experiment's LoRA ({len(params)} tensors, "
           f"{sum(p.numel() for p in params):,} params): " + ", ".join(f"{k} {v:.1f} ms" for k, v in times.items()))
