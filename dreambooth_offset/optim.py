@@ -28,8 +28,9 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.
     )
     if cfg.optimizer == "adamw":
         # On the CPU the default per-tensor loop costs about 10 times the fused kernel (LoRA means
-        # hundreds of small tensors); elsewhere torch picks its own fast path.
-        return torch.optim.AdamW(params, fused=params[0].device.type == "cpu" or None, **kwargs)
+        # hundreds of small tensors); elsewhere (None) torch picks its own fast path.
+        fused = True if params[0].device.type == "cpu" else None
+        return torch.optim.AdamW(params, fused=fused, **kwargs)
     try:
         import bitsandbytes as bnb
     except Exception as err:  # ImportError, or a broken native library raising anything else
