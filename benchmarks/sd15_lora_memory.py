@@ -1,6 +1,6 @@
 """Peak memory and steps/s of LoRA training on an SD 1.5-size UNet (random weights, no download).
 
-The UNet is built from SD 1.5's published config (benchmarks/train_throughput.py: SD15_UNET),
+The UNet is built from SD 1.5's published config (dreambooth_offset/training/architectures.py),
 frozen in fp16 (bf16 with --dtype bf16), LoRA in fp32 on the attention projections, gradient
 checkpointing, the trainer's own optimizer factory (bitsandbytes AdamW8bit by default), batch of
 latents at resolution/8 with 77-token text context, epsilon MSE under autocast. Prints the card,
@@ -18,11 +18,11 @@ import time
 
 import torch
 
-from train_throughput import SD15_UNET  # run as `python benchmarks/sd15_lora_memory.py`
+from dreambooth_offset.training.architectures import SD15_UNET_CONFIG as SD15_UNET
 from dreambooth_offset.config import AdapterConfig, NoiseConfig, OptimConfig
-from dreambooth_offset.lora import add_adapters, trainable_parameters
-from dreambooth_offset.noise import sample_noise
-from dreambooth_offset.optim import make_optimizer, state_bytes
+from dreambooth_offset.training.lora import add_adapters, trainable_parameters
+from dreambooth_offset.noise.noise import sample_noise
+from dreambooth_offset.training.optim import make_optimizer, state_bytes
 
 
 def main() -> None:

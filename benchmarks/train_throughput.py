@@ -23,19 +23,11 @@ from pathlib import Path
 import torch
 
 from dreambooth_offset.config import AdapterConfig, OptimConfig, load_config
-from dreambooth_offset.lora import add_adapters, trainable_parameters
-from dreambooth_offset.optim import make_optimizer, state_bytes
-from dreambooth_offset.train import train
-
-SHIPPED_BASE = Path(__file__).resolve().parents[1] / "dreambooth_offset" / "assets" / "base"
-
-# SD 1.5's published UNet config (runwayml/stable-diffusion-v1-5, unet/config.json).
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
-)
+from dreambooth_offset.training.lora import add_adapters, trainable_parameters
+from dreambooth_offset.training.optim import make_optimizer, state_bytes
+from dreambooth_offset.config.recipe import SHIPPED_BASE
+from dreambooth_offset.training.architectures import SD15_UNET_CONFIG as SD15_UNET
+from dreambooth_offset.training.train import train
 
 
 def make_instance_dir(folder: Path, size: int) -> Path:
@@ -161,7 +153,7 @@ def main() -> None:
         print(f"optimizer state, {label}, LoRA r4 ({n:,} params): AdamW8bit {b8:,} B, AdamW {b32:,} B, "
               f"ratio {b8 / b32:.3f}   (goal <= 0.30)")
 
-    from dreambooth_offset.experiments import SHIPPED_TRAIN
+    from dreambooth_offset.experiments.shipped import SHIPPED_TRAIN
 
     params = trainable_parameters(lora_unet(args.model, AdapterConfig(
         rank=SHIPPED_TRAIN["rank"], unet_target_modules=tuple(SHIPPED_TRAIN["unet_target_modules"]))))

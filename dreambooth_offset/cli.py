@@ -1,7 +1,8 @@
 """Command line: `dreambooth-offset <subcommand> ...`.
 
-Subcommands live next to the code they drive; each such module exposes
-`register(subparsers)` which adds its parser and sets `func=run(args) -> int`.
+Subcommands live next to the code they drive, in each subpackage's `commands.py`; each exposes
+`register(subparsers)`, which adds its parser (every flag from its schema in config/) and sets
+`func=run(args) -> int`.
 """
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ from dreambooth_offset.errors import UsageError
 
 # Modules that add subcommands, in the order `--help` lists them.
 SUBCOMMAND_MODULES = (
-    "dreambooth_offset.train",
-    "dreambooth_offset.sample",
-    "dreambooth_offset.pretrain",
-    "dreambooth_offset.webui",
-    "dreambooth_offset.experiments",
+    "dreambooth_offset.training.commands",
+    "dreambooth_offset.sampling.commands",
+    "dreambooth_offset.base_model.commands",
+    "dreambooth_offset.webui.commands",
+    "dreambooth_offset.experiments.commands",
 )
 
 

@@ -1,4 +1,5 @@
-"""Tiny Stable Diffusion parts built in-process (no network), saved as a diffusers folder."""
+"""Tiny Stable Diffusion parts built in-process (no network), saved as a diffusers folder, and the
+trainer settings the tests run them with (`flags` for the CLI, `overrides` for `train()`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,7 +17,7 @@ def build_pipeline_folder(folder: Path, seed: int = 0, cross_attention_dim: int 
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from dreambooth_offset.pretrain import build_tokenizer
+    from dreambooth_offset.base_model.pretrain import build_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(folder / "tokenizer_src", WORDS)
@@ -49,3 +50,31 @@ def write_images(folder: Path, colours: list[tuple[int, int, int]], size: tuple[
         arr = np.clip(np.array(colour)[None, None] + rng.integers(-20, 20, (size[1], size[0], 3)), 0, 255)
         Image.fromarray(arr.astype(np.uint8)).save(folder / f"img{i}.png")
     return folder
+
+
+def flags(model, instance_dir, out, **extra):
+    args = {
+        "pretrained_model_name_or_path": model, "instance_data_dir": instance_dir,
+        "instance_prompt": "a photo of sks dog", "resolution": RESOLUTION, "train_batch_size": 2,
+        "max_train_steps": 4, "learning_rate": 1e-2, "output_dir": out, "report_to": "none",
+    }
+    args.update(extra)
+    argv = ["train"]
+    for key, value in args.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif isinstance(value, (list, tuple)):
+            argv += [f"--{key}", *map(str, value)]
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def overrides(model, instance_dir, out, **extra):
+    from dreambooth_offset.config import load_config
+
+    values = {"pretrained_model_name_or_path": str(model), "instance_data_dir": str(instance_dir),
+              "instance_prompt": "a photo of sks dog", "resolution": RESOLUTION, "train_batch_size": 2,
+              "max_train_steps": 4, "learning_rate": 1e-2, "output_dir": str(out), "report_to": "none"}
+    values.update(extra)
+    return load_config(None, values)

@@ -1,12 +1,13 @@
-"""The black-image experiment (Guttenberg 2023; SCIENCE.md section 5).
+"""The black-image experiment (Guttenberg 2023; docs/science.md, "The black-image case").
 
 DreamBooth-LoRA fine-tune a base on one solid black image, once per variant (by default without
 and with offset noise 0.1) and training seed, identical in everything else; then sample every
 run from the same start noises for the black prompt and the base's dark / mid / bright prompts.
-Every run goes through the real trainer (`dreambooth_offset.train.train`).
+Every run goes through the real trainer (`dreambooth_offset.training.train.train`).
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -15,12 +16,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from dreambooth_offset.config import load_config
+from dreambooth_offset.config import SamplingConfig, load_config
+from dreambooth_offset.config.commands import BLACK_PROMPT, SAMPLERS
 from dreambooth_offset.experiments import report
-from dreambooth_offset.sample import build_pipeline, default_guidance_rescale, generate, start_latents
-
-BLACK_PROMPT = "A solid black image"
-# Guttenberg's prompts (SCIENCE.md section 1), the defaults for a real SD checkpoint.
+from dreambooth_offset.experiments.runner import default_jobs, run_all
+from dreambooth_offset.sampling.generate import build_pipeline, generate, start_latents
+# Guttenberg's prompts (docs/science.md, "The brightness problem"), the defaults for a real SD checkpoint.
 GUTTENBERG_PROMPTS = (
     "A dark alleyway in a rainstorm",
     "Monochrome line-art logo on a white background",
@@ -75,12 +76,8 @@ VARIANTS = {
     "min_snr": {"noise_offset": 0.1, "snr_gamma": 5.0},
 }
 
-SAMPLERS = {
-    "ddim": "DDIMScheduler",
-    "dpm": "DPMSolverMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "ddpm": "DDPMScheduler",
-}
+SAMPLER_CLASSES = dict(zip(SAMPLERS, ("DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
+                                       "DDPMScheduler"), strict=True))
 
 
 def make_black_image(folder: Path, resolution: int) -> Path:
@@ -105,8 +102,8 @@ def make_prior_set(pipe, folder: Path, cfg: ExperimentConfig, resolution: int) -
     """One base sample per caption of `cfg.prior_prompts` (sampler settings of the evaluation),
     saved with its caption in a sidecar `.txt`; returns the trainer keys that train with them as
     class images, so the prior loss holds the base's behaviour on many prompts, not one."""
-    from dreambooth_offset.prior import CLASS_SEED_BASE
-    from dreambooth_offset.sample import to_pil
+    from dreambooth_offset.sampling.class_images import CLASS_SEED_BASE
+    from dreambooth_offset.sampling.images import to_pil
 
     prompts = list(cfg.prior_prompts)
     samples = generate(pipe, prompts, [CLASS_SEED_BASE + i for i in range(len(prompts))],  # batches of 8 inside
@@ -117,7 +114,7 @@ def make_prior_set(pipe, folder: Path, cfg: ExperimentConfig, resolution: int) -
 def prior_keys(folder: Path) -> dict:
     """Trainer keys that train every image of `folder` as a class image, with the caption of its
     `.txt` sidecar ("an image" where there is none)."""
-    from dreambooth_offset.data import find_images
+    from dreambooth_offset.training.data import find_images
 
     count = len(find_images(folder, "prior_dir", caption_extension=".txt"))
     return {"with_prior_preservation": True, "class_data_dir": str(folder), "caption_extension": ".txt",
@@ -128,7 +125,7 @@ def _pipeline(parts, unet, text_encoder, sampler: str):
     import diffusers
 
     pipe = build_pipeline(parts.tokenizer, text_encoder, parts.vae, unet, parts.noise_scheduler.config)
-    pipe.scheduler = getattr(diffusers, SAMPLERS[sampler]).from_config(pipe.scheduler.config)
+    pipe.scheduler = getattr(diffusers, SAMPLER_CLASSES[sampler]).from_config(pipe.scheduler.config)
     pipe.unet.eval()
     return pipe
 
@@ -146,9 +143,9 @@ def sample_prompts(pipe, cfg: ExperimentConfig, resolution: int, starts: torch.T
 @torch.no_grad()
 def leak_starts(pipe, instance_dir: Path, cfg: ExperimentConfig, starts: torch.Tensor) -> torch.Tensor:
     """x_t0 = a_t0 * x0_black + s_t0 * eps at the sampler's first timestep t0: the start a model
-    trained without offset noise saw in training (SCIENCE.md section 4, mechanism check)."""
-    from dreambooth_offset.data import find_images, load_resized
-    from dreambooth_offset.models import latent_distribution, scale_latents
+    trained without offset noise saw in training (docs/science.md, "Measuring brightness": the mechanism check)."""
+    from dreambooth_offset.training.data import find_images, load_resized
+    from dreambooth_offset.training.models import latent_distribution, scale_latents
 
     img = load_resized(find_images(instance_dir, "instance_data_dir"), starts.shape[-1] * pipe.vae_scale_factor)[0]
     mean, _ = latent_distribution(pipe.vae, (img.float() / 127.5 - 1.0)[None])
@@ -173,7 +170,7 @@ class RunInputs:
 def run_one(shared: RunInputs, seed: int, variant: Variant, position: int | None = None) -> list[tuple[dict, dict]]:
     """Fine-tune one (variant, seed) through the real trainer and sample it: a (row, samples per
     prompt) pair, and a second one for the mechanism check on the plain baseline of the first seed."""
-    from dreambooth_offset.train import train
+    from dreambooth_offset.training.train import train
 
     cfg, name = shared.cfg, variant.name
     values = {"pretrained_model_name_or_path": cfg.model, "instance_data_dir": str(shared.instance_dir),
@@ -183,7 +180,7 @@ def run_one(shared: RunInputs, seed: int, variant: Variant, position: int | None
     bar = {"desc": f"{name} seed {seed}"} | ({"position": position, "leave": False} if position is not None else {})
     result = train(load_config(None, values), progress_bar=bar)
     pipe = _pipeline(result.parts, result.unet, result.text_encoder, cfg.sampler)
-    rescale = default_guidance_rescale(result.config.noise.zero_terminal_snr)
+    rescale = SamplingConfig().rescale(result.config.noise.zero_terminal_snr)
     offset = result.config.noise.noise_offset  # a number, also for "auto"
     out = [({"name": name, "noise_offset": offset, "seed": seed, "train_seconds": round(result.seconds, 1)},
             sample_prompts(pipe, cfg, shared.resolution, shared.starts, rescale))]
@@ -197,72 +194,17 @@ def run_one(shared: RunInputs, seed: int, variant: Variant, position: int | None
     return out
 
 
-def default_jobs() -> int:
-    """Fine-tunes to run at once: one per CPU core on a CPU-only machine (a small model gains
-    little from a second thread, so parallel runs nearly halve the wall time on 2 cores), one on
-    a GPU (a real checkpoint wants the whole card)."""
-    import os
-
-    if torch.cuda.is_available() or torch.backends.mps.is_available():
-        return 1
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-_worker_slot = None  # this worker process's number, 1 .. jobs: its progress bar's line
-
-
-def _init_worker(counter, threads: int) -> None:
-    global _worker_slot
-    torch.set_num_threads(threads)
-    with counter.get_lock():
-        counter.value += 1
-        _worker_slot = counter.value
-
-
-def _run_in_worker(shared: RunInputs, seed: int, variant: Variant) -> list[tuple[dict, dict]]:
-    return run_one(shared, seed, variant, position=_worker_slot)
-
-
-def run_all(shared: RunInputs, jobs: int, progress) -> list[tuple[dict, dict]]:
-    """Every (seed, variant) run's (row, samples) pairs, in that order. With `jobs` > 1 the runs go
-    to as many spawned worker processes, each with an equal share of the CPU threads."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    cfg = shared.cfg
-    todo = [(seed, variant) for seed in cfg.seeds for variant in cfg.variants]
-    if jobs <= 1:
-        done = []
-        for seed, variant in todo:
-            done.append(run_one(shared, seed, variant))
-            progress.update()
-    else:
-        ctx = multiprocessing.get_context("spawn")  # forking a process that has run torch can hang
-        with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(ctx.Value("i", 0), max(1, torch.get_num_threads() // jobs))) as pool:
-            futures = [pool.submit(_run_in_worker, shared, seed, variant) for seed, variant in todo]
-            try:
-                for future in as_completed(futures):
-                    future.result()  # the first failure raises here, not after the slowest run
-                    progress.update()
-            except BaseException:  # a failed run stops the experiment: drop the runs not yet started
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
-        done = [future.result() for future in futures]
-    return [pair for pairs in done for pair in pairs]
-
-
 def run_experiment(cfg: ExperimentConfig) -> dict:
     from tqdm.auto import tqdm
 
     from dreambooth_offset.config import ModelConfig
-    from dreambooth_offset.models import load_parts
+    from dreambooth_offset.training.models import load_parts, native_resolution
 
     started = time.time()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = load_parts(ModelConfig(cfg.model))
-    resolution = int(cfg.train.get("resolution") or base.unet.config.sample_size * 2 ** (len(base.vae.config.block_out_channels) - 1))
+    resolution = int(cfg.train.get("resolution") or native_resolution(base.unet.config, base.vae.config))
     instance_dir = make_black_image(out / "data" / "instance", resolution)
     base_pipe = _pipeline(base, base.unet, base.text_encoder, cfg.sampler)
     starts = start_latents(base_pipe, list(range(cfg.num_images)), resolution, resolution)
@@ -277,7 +219,9 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     pairs = [({"name": "base", "noise_offset": None, "seed": None, "train_seconds": 0.0},
               sample_prompts(base_pipe, cfg, resolution, starts))]
     progress.update()
-    pairs += run_all(RunInputs(cfg, instance_dir, prior, resolution, starts), jobs, progress)
+    todo = [(seed, variant) for seed in cfg.seeds for variant in cfg.variants]
+    pairs += run_all(functools.partial(run_one, RunInputs(cfg, instance_dir, prior, resolution, starts)), todo, jobs,
+                     progress)
     progress.close()
 
     for row, run_samples in pairs:

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dreambooth_offset.sample import DARK_THRESHOLD, dark_fraction, luminance, make_grid, mean_luminance, to_pil
+from dreambooth_offset.sampling.images import make_grid, to_pil
+from dreambooth_offset.sampling.metrics import DARK_THRESHOLD, dark_fraction, luminance, mean_luminance
 
 
 def fit_line(x: Tensor, y: Tensor) -> tuple[float, float]:
@@ -37,7 +38,7 @@ def within_channel(means: Tensor) -> Tensor:
 
 
 def prompt_stats(images: Tensor, start_latents: Tensor, final_latents: Tensor) -> PromptStats:
-    """SCIENCE.md section 4: a model that cannot move the mean shows slope ~ 1/a_T and high R^2
+    """docs/science.md, "Measuring brightness": a model that cannot move the mean shows slope ~ 1/a_T and high R^2
     (the output mean is read off x_T); one that learned the brightness shows a slope near 0.
 
     The line is fitted within channels (each channel's mean over the images removed from x and y,

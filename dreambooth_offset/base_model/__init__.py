@@ -1,0 +1,1 @@
+"""How the shipped base (assets/base) was made: synthetic data, pretraining, model card; `pretrain-base`."""

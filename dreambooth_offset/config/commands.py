@@ -1,0 +1,154 @@
+"""The schemas of the commands besides `train` (run.py): generate, export / import / inspect and
+the experiments, and the options only they take.
+
+A schema is a frozen dataclass of sections; a key several commands take is declared once, in
+one section, and a command that needs only some keys of a section names them (`section(cls,
+keys)`). `output_dir` is three keys of one name: train's LoRA folder, generate's image folder and
+an experiment's report folder, with three defaults.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dreambooth_offset.config.fields import check_choices, option, section
+from dreambooth_offset.config.noise import LossConfig, NoiseConfig, check_zero_terminal_snr
+from dreambooth_offset.config.sections import AdapterConfig, DataConfig, ModelConfig, SamplingConfig, TrainConfig
+from dreambooth_offset.errors import UsageError
+
+# The WebUI base models (webui/keys.py BASES holds their specs) and the tensor dtypes of `export`.
+WEBUI_BASES = ("sd_v1", "sd_v2", "sd_v2_v")
+EXPORT_DTYPES = ("same", "float32", "float16", "bfloat16")
+SAMPLERS = ("ddim", "dpm", "euler", "ddpm")
+BLACK_PROMPT = "A solid black image"
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    lora: str | None = option(None, "A LoRA folder or .safetensors file (diffusers or WebUI format).")
+    lora_scale: float = option(1.0, "Strength of the LoRA.")
+    prompt: tuple[str, ...] = option((), "One or more prompts.", required=True)
+    num_images: int = option(4, "Images per prompt, from seeds seed .. seed+N-1.")
+    output_dir: str = option("", "Where images, grids and stats.json go.", required=True)
+
+    def __post_init__(self) -> None:
+        if self.num_images < 1:
+            raise UsageError(f"num_images = {self.num_images}: it must be at least 1")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """`generate`: sample a base model with an optional LoRA."""
+
+    model: ModelConfig = section(ModelConfig)
+    generate: GenerateOptions = section(GenerateOptions)
+    sampling: SamplingConfig = section(SamplingConfig)
+    data: DataConfig = section(DataConfig, ("resolution",))
+    train: TrainConfig = section(TrainConfig, ("seed",))
+    noise: NoiseConfig = section(NoiseConfig, ("zero_terminal_snr",))  # sample as the LoRA was trained
+    loss: LossConfig = section(LossConfig, ("prediction_type",))
+
+    def __post_init__(self) -> None:
+        check_zero_terminal_snr(self.noise, self.loss)
+
+
+@dataclass(frozen=True)
+class LoraFileOptions:
+    source: str = option("", "A LoRA .safetensors file, or the folder holding it.", required=True, positional=True)
+    output: str = option("", "What to write: the .safetensors file (export) or the folder (import).",
+                         required=True, short="-o")
+    base: str | None = option(None, "Base model; read from the file's metadata or inferred from its shapes "
+                                    "when possible.", WEBUI_BASES)
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    dtype: str = option("same", "Tensor dtype in the output.", EXPORT_DTYPES)
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """`export`: a diffusers LoRA -> a WebUI (kohya) file."""
+
+    file: LoraFileOptions = section(LoraFileOptions)
+    export: ExportOptions = section(ExportOptions)
+    adapter: AdapterConfig = section(AdapterConfig, ("lora_alpha",))
+    train: TrainConfig = section(TrainConfig, ("output_name",))
+
+
+@dataclass(frozen=True)
+class ImportConfig:
+    """`import`: a WebUI (kohya) file -> a diffusers LoRA folder."""
+
+    file: LoraFileOptions = section(LoraFileOptions)
+
+
+@dataclass(frozen=True)
+class InspectConfig:
+    """`inspect`: what a LoRA file holds."""
+
+    file: LoraFileOptions = section(LoraFileOptions, ("source", "base"))
+
+
+@dataclass(frozen=True)
+class ExperimentOptions:
+    output_dir: str = option("black-image-report", "Report folder.")
+    noise_offset: tuple[float, ...] = option((0.0, 0.1), "One run per offset value.")
+    variants: tuple[str, ...] = option(
+        (), "Noise settings to compare instead of --noise_offset values: no_offset, offset, offset_vp, "
+        "offset_auto, random_strength, ... (see --list_variants).")
+    list_variants: bool = option(False, "Print the known variants and exit.")
+    seeds: tuple[int, ...] = option((0,), "Training seeds (the multi-seed check in the docs is --seeds 0 1 2 3).")
+    num_images: int = option(8, "Samples per run and prompt, from sampling seeds 0 .. N-1.")
+    sampler: str = option("ddim", "Sampler for every run.", SAMPLERS)
+    jobs: int | None = option(
+        None, "Fine-tunes run at once, each in its own process (default: one per CPU core without a GPU, 1 with one).")
+    prompts: tuple[str, ...] = option(
+        (), "The base's dark / mid / bright prompts (default: the shipped base's, or Guttenberg's four).")
+    black_prompt: str = option(BLACK_PROMPT, "The prompt of the black training image.")
+    mechanism_check: bool = option(True, "Skip sampling the baseline from its training-time leak.",
+                                   flag="no_mechanism_check")
+    prior_prompts: tuple[str, ...] = option(
+        (), "Prior preservation: the base's sample for each prompt joins training with its caption. "
+        "Default: none.")
+    prior_dir: str | None = option(
+        None, "Prior preservation with your own class (regularisation) images: each trains with the caption in "
+        "its .txt file beside it, or the class prompt ('an image'; --set class_prompt=...) without one.")
+    prior_size: int | None = option(
+        None, "Shipped base only: prior preservation with N images of its own training data and their captions, "
+        "written to OUTPUT_DIR/data/prior (default 256 on the shipped base; 0: the black image alone, "
+        "Guttenberg's setup).")
+    set: tuple[str, ...] = option(
+        (), "Any other trainer key for every run, as in a TOML file: lr_scheduler=\"cosine\" lr_warmup_steps=10 "
+        "(strings may go unquoted).")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if self.jobs is not None and self.jobs < 1:
+            raise UsageError(f"--jobs {self.jobs}: must be 1 or more")
+        if self.num_images < 2:
+            raise UsageError("--num_images must be at least 2 (the slope diagnostic fits a line)")
+        if self.prior_size is not None and self.prior_size < 0:
+            raise UsageError(f"--prior_size {self.prior_size}: must be 0 (off) or more")
+        if sum(map(bool, (self.prior_prompts, self.prior_dir, self.prior_size))) > 1:
+            raise UsageError("give one of --prior_prompts, --prior_dir and --prior_size")
+
+
+@dataclass(frozen=True)
+class BlackImageConfig:
+    """`experiment black-image`; the trainer keys it passes to every run are RunConfig's."""
+
+    model: ModelConfig = section(ModelConfig, ("pretrained_model_name_or_path",))
+    experiment: ExperimentOptions = section(ExperimentOptions)
+    sampling: SamplingConfig = section(SamplingConfig, ("num_inference_steps", "guidance_scale"))
+
+
+# Trainer keys `experiment black-image` takes as flags of its own (any other: --set KEY=VALUE).
+EXPERIMENT_TRAINER_KEYS = ("resolution", "max_train_steps", "train_batch_size", "rank", "lora_alpha",
+                           "learning_rate", "unet_target_modules", "optimizer", "mixed_precision",
+                           "gradient_checkpointing")

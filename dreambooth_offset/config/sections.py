@@ -1,0 +1,185 @@
+"""The trainer's config sections: one frozen dataclass per concern, each field with its default
+and help (`fields.option`). `__post_init__` validates and raises `UsageError` naming the key.
+The noise and loss sections live in noise.py; run.py joins them all into `RunConfig`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dreambooth_offset.config.fields import check_choices, option
+from dreambooth_offset.errors import UsageError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    pretrained_model_name_or_path: str = option(
+        "", "Local diffusers Stable Diffusion folder, or a hub id already in the local cache; required by "
+        "train and generate (experiments: default the small base the package ships).",
+    )
+    revision: str | None = option(None, "Hub revision (branch, tag or commit) of the checkpoint.")
+    variant: str | None = option(None, "Weight variant to load, e.g. 'fp16'.")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    instance_data_dir: str = option("", "Folder with the images of the subject.")
+    instance_prompt: str = option("", "Prompt with the identifier, e.g. 'a photo of sks dog'.")
+    resolution: int | None = option(
+        None, "Image side in pixels, a multiple of 8. Default: the model's own (UNet sample_size x the VAE's "
+        "downsampling: 512 for SD 1.5, 768 for SD 2.x-v)."
+    )
+    center_crop: bool = option(False, "Center-crop to the resolution (else a random crop).")
+    random_flip: bool = option(False, "Flip images horizontally at random.")
+    train_batch_size: int = option(1, "Instance images per step and process.")
+    with_prior_preservation: bool = option(False, "Add class images and a prior-preservation loss.")
+    class_data_dir: str = option("", "Folder of class images; missing ones are generated into it.")
+    class_prompt: str = option("", "Prompt for the class images, e.g. 'a photo of a dog'.")
+    num_class_images: int = option(100, "Class images wanted; the base model generates any missing.")
+    prior_loss_weight: float = option(1.0, "Weight of the prior-preservation loss.")
+    sample_batch_size: int = option(4, "Batch size when generating class images.")
+    caption_extension: str = option(
+        "", "Sidecar caption files, kohya style (e.g. '.txt'): an image with 'name.txt' beside it trains "
+        "with that caption; one without uses the folder's prompt. Default: off."
+    )
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
+            raise UsageError(f"resolution = {self.resolution}: it must be a positive multiple of 8")
+        if self.caption_extension and not self.caption_extension.startswith("."):
+            raise UsageError(f"caption_extension = {self.caption_extension!r}: it must start with a dot, e.g. '.txt'")
+        if self.train_batch_size < 1 or self.sample_batch_size < 1:
+            raise UsageError("train_batch_size and sample_batch_size must be at least 1")
+        if self.with_prior_preservation:
+            if not self.class_prompt:
+                raise UsageError("with_prior_preservation needs class_prompt (e.g. 'a photo of a dog')")
+            if not self.class_data_dir:
+                raise UsageError("with_prior_preservation needs class_data_dir (a folder for class images)")
+            if self.num_class_images < 1:
+                raise UsageError("num_class_images must be at least 1 with prior preservation")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    rank: int = option(4, "LoRA rank.")
+    lora_alpha: float | None = option(
+        None, "LoRA alpha; the update is scaled by alpha/rank. Default: rank (export: the file's record)."
+    )
+    lora_dropout: float = option(0.0, "Dropout on the LoRA branch.")
+    unet_target_modules: tuple[str, ...] = option(
+        ("to_q", "to_k", "to_v", "to_out.0"),
+        "UNet modules that get LoRA (peft target_modules names; convs such as conv1, conv2, conv_out work too).",
+    )
+    train_text_encoder: bool = option(False, "Also train LoRA on the text encoder.")
+    text_encoder_target_modules: tuple[str, ...] = option(
+        ("q_proj", "k_proj", "v_proj", "out_proj"), "Text-encoder modules that get LoRA."
+    )
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if self.rank < 1:
+            raise UsageError(f"rank = {self.rank}: it must be at least 1")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise UsageError(f"lora_dropout = {self.lora_dropout}: it must be in [0, 1)")
+        if not self.unet_target_modules:
+            raise UsageError("unet_target_modules is empty")
+
+    @property
+    def alpha(self) -> float:
+        return self.rank if self.lora_alpha is None else self.lora_alpha
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str = option("adamw8bit", "Optimizer: bitsandbytes 8-bit AdamW or torch AdamW.", ("adamw8bit", "adamw"))
+    learning_rate: float = option(1e-4, "Peak learning rate.")
+    adam_beta1: float = option(0.9, "AdamW beta1.")
+    adam_beta2: float = option(0.999, "AdamW beta2.")
+    adam_weight_decay: float = option(1e-2, "AdamW weight decay.")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm; 0 disables clipping.")
+    lr_scheduler: str = option(
+        "constant",
+        "diffusers learning-rate schedule.",
+        ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"),
+    )
+    lr_warmup_steps: int = option(0, "Warm-up steps of the learning-rate schedule.")
+    lr_num_cycles: int = option(1, "Cycles of cosine_with_restarts.")
+    lr_power: float = option(1.0, "Power of the polynomial schedule.")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if self.learning_rate <= 0:
+            raise UsageError(f"learning_rate = {self.learning_rate}: it must be > 0")
+        if self.lr_warmup_steps < 0 or self.max_grad_norm < 0:
+            raise UsageError("lr_warmup_steps and max_grad_norm must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str = option("dreambooth-offset-model", "Where the LoRA, checkpoints, samples and logs go.")
+    seed: int = option(
+        0, "Seed of the run's one generator (noise, timesteps, shuffling); images are sampled from seeds "
+        "seed, seed+1, ..."
+    )
+    max_train_steps: int = option(400, "Optimizer steps to train.")
+    gradient_accumulation_steps: int = option(1, "Batches accumulated per optimizer step.")
+    mixed_precision: str = option("no", "Precision of the frozen weights and autocast.", ("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = option(False, "Trade compute for memory in the UNet (and text encoder).")
+    checkpointing_steps: int = option(0, "Save a resumable checkpoint every N steps; 0 = never.")
+    checkpoints_total_limit: int | None = option(None, "Keep at most this many checkpoints (oldest go first).")
+    resume_from_checkpoint: str | None = option(None, "'latest' or a checkpoint folder to resume from.")
+    report_to: str = option("tensorboard", "Where to log scalars.", ("tensorboard", "none"))
+    output_name: str | None = option(
+        None, "The LoRA's name: the WebUI file <output_name>.safetensors and its ss_output_name (default: the "
+        "output folder's name; export: the written file's name)."
+    )
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if self.max_train_steps < 1 or self.gradient_accumulation_steps < 1:
+            raise UsageError("max_train_steps and gradient_accumulation_steps must be at least 1")
+        if self.checkpointing_steps < 0:
+            raise UsageError("checkpointing_steps must be >= 0")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise UsageError("checkpoints_total_limit must be at least 1")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How images are sampled: validation and class images in training, `generate`, experiments."""
+
+    num_inference_steps: int = option(25, "Sampler steps.")
+    guidance_scale: float = option(7.5, "Classifier-free guidance scale.")
+    guidance_rescale: float | None = option(
+        None,
+        "CFG rescale phi (Lin et al. 2023, sec. 3.4; docs/science.md, 'Zero terminal SNR'); default 0.7 with "
+        "zero_terminal_snr, else 0.",
+    )
+
+    def __post_init__(self) -> None:
+        if self.num_inference_steps < 1:
+            raise UsageError(f"num_inference_steps = {self.num_inference_steps}: it must be at least 1")
+        if self.guidance_rescale is not None and not 0.0 <= self.guidance_rescale <= 1.0:
+            raise UsageError(f"guidance_rescale = {self.guidance_rescale}: it must be in [0, 1]")
+
+    def rescale(self, zero_terminal_snr: bool) -> float:
+        """guidance_rescale, or its default: Lin et al. 2023 (sec. 3.4) rescale classifier-free
+        guidance by 0.7 under zero terminal SNR."""
+        if self.guidance_rescale is not None:
+            return self.guidance_rescale
+        return 0.7 if zero_terminal_snr else 0.0
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    validation_prompt: tuple[str, ...] = option((), "Prompts sampled during training (fixed seeds).")
+    num_validation_images: int = option(4, "Images per validation prompt.")
+    validation_steps: int = option(100, "Sample every N steps (and at the end) when a prompt is set.")
+
+    def __post_init__(self) -> None:
+        if self.num_validation_images < 1 or self.validation_steps < 1:
+            raise UsageError("num_validation_images and validation_steps must be >= 1")

@@ -1,0 +1,118 @@
+"""`dreambooth-offset experiment NAME`. The flags are the BlackImageConfig schema
+(config/commands.py) plus the trainer keys of EXPERIMENT_TRAINER_KEYS, declared in the trainer's
+schema; values, lowest first: defaults < the shipped base's settings (shipped.py) < flags."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from dreambooth_offset.config import RunConfig, add_arguments, given_values, load_config
+from dreambooth_offset.config.commands import EXPERIMENT_TRAINER_KEYS, BlackImageConfig
+from dreambooth_offset.errors import UsageError
+from dreambooth_offset.experiments.shipped import SHIPPED_BASE, SHIPPED_PRIOR_SIZE, SHIPPED_SAMPLING, SHIPPED_TRAIN
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("experiment", help="Reproducible experiments (the black-image study).")
+    sub = p.add_subparsers(dest="experiment", required=True, metavar="NAME")
+    b = sub.add_parser(
+        "black-image",
+        allow_abbrev=False,
+        help="Fine-tune on one solid black image without and with offset noise; compare samples.",
+        description="Defaults run on the base model the package ships, on CPU, in minutes. On the shipped base, "
+                    "sampling and trainer settings default to its own: "
+                    + ", ".join(f"{k}={v}" for k, v in {**SHIPPED_SAMPLING, **SHIPPED_TRAIN}.items()) + ".",
+    )
+    add_arguments(b, BlackImageConfig, config_file=False)
+    add_arguments(b, RunConfig, keys=EXPERIMENT_TRAINER_KEYS, config_file=False,
+                  description="Trainer settings for every run (on the shipped base, the defaults are its own).")
+    b.set_defaults(func=run_black_image)
+
+
+def parse_settings(items: tuple[str, ...]) -> dict:
+    """KEY=VALUE pairs with TOML values (numbers, booleans, lists); a bare word is a string."""
+    import tomllib
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--set {item}: expected KEY=VALUE")
+        try:
+            out[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = value
+    return out
+
+
+def run_black_image(args: argparse.Namespace) -> int:
+    from dreambooth_offset.experiments import black_image as bi
+    from dreambooth_offset.experiments.report import summary_table
+
+    given = given_values(args, BlackImageConfig)
+    model = given.get("pretrained_model_name_or_path") or str(SHIPPED_BASE)
+    shipped = Path(model).resolve() == SHIPPED_BASE
+    cfg = load_config(None, {**(SHIPPED_SAMPLING if shipped else {}), **given}, BlackImageConfig)
+    opts = cfg.experiment
+    if opts.list_variants:
+        for name, overrides in bi.VARIANTS.items():
+            print(f"{name:20s} {overrides}")
+        return 0
+    if shipped and not (SHIPPED_BASE / "model_index.json").is_file():
+        raise UsageError(f"the shipped base is missing from {SHIPPED_BASE}; run `dreambooth-offset pretrain-base`")
+    train = {**(SHIPPED_TRAIN if shipped else {}), **given_values(args, RunConfig, EXPERIMENT_TRAINER_KEYS),
+             **parse_settings(opts.set)}
+    load_config(None, train)  # unknown keys and bad values stop here, before minutes of work
+    exp = bi.ExperimentConfig(
+        model=model, output_dir=Path(opts.output_dir), variants=variants(opts, bi), seeds=opts.seeds, train=train,
+        prompts=opts.prompts or default_prompts(shipped, opts.black_prompt), num_images=opts.num_images,
+        num_inference_steps=cfg.sampling.num_inference_steps, guidance_scale=cfg.sampling.guidance_scale,
+        sampler=opts.sampler, mechanism_check=opts.mechanism_check, black_prompt=opts.black_prompt,
+        prior_prompts=opts.prior_prompts, prior_dir=opts.prior_dir, jobs=opts.jobs,
+    )
+    prior_size = prior_set_size(opts, shipped)
+    if prior_size:
+        from dreambooth_offset.experiments.shipped import write_shipped_prior
+
+        prior = write_shipped_prior(exp.output_dir / "data" / "prior", prior_size, [exp.black_prompt, *exp.prompts])
+        exp = dataclasses.replace(exp, prior_dir=str(prior))
+    results = bi.run_experiment(exp)
+    print()
+    print(summary_table(results["runs"], exp.black_prompt))
+    print(f"\nwall time {results['wall_time_s']} s; report: {exp.output_dir / 'report.md'}")
+    return 0
+
+
+def variants(opts, bi) -> tuple:
+    """The runs to compare: named --variants, else one per --noise_offset value."""
+    if not opts.variants:
+        return tuple(bi.Variant(f"noise_offset={o:g}", {"noise_offset": o}) for o in opts.noise_offset)
+    unknown = [v for v in opts.variants if v not in bi.VARIANTS]
+    if unknown:
+        raise UsageError(f"--variants {unknown[0]}: unknown; known: {', '.join(bi.VARIANTS)}")
+    return tuple(bi.Variant(v, bi.VARIANTS[v]) for v in opts.variants)
+
+
+def default_prompts(shipped: bool, black_prompt: str) -> tuple[str, ...]:
+    """The shipped base's own dark / mid / bright prompts, or Guttenberg's four for a real checkpoint."""
+    from dreambooth_offset.base_model.pretrain import PROFILE_PROMPTS
+    from dreambooth_offset.experiments.black_image import GUTTENBERG_PROMPTS
+
+    return tuple(p for p in PROFILE_PROMPTS if p != black_prompt) if shipped else GUTTENBERG_PROMPTS
+
+
+def prior_set_size(opts, shipped: bool) -> int:
+    """Images of the shipped base's own training data to train as class images (0: none); checks the
+    prior options against the base."""
+    size = opts.prior_size
+    if size is None:  # the shipped base's default, unless another prior set is given
+        size = SHIPPED_PRIOR_SIZE if shipped and not (opts.prior_prompts or opts.prior_dir) else 0
+    if size and not shipped:
+        raise UsageError("--prior_size draws the shipped base's training data; for another base give "
+                         "--prior_dir (your class images) or --prior_prompts (the base's samples)")
+    if opts.prior_dir:
+        from dreambooth_offset.training.data import find_images
+
+        find_images(opts.prior_dir, "prior_dir", caption_extension=".txt")  # a bad folder stops here
+    return size

@@ -1,0 +1,1 @@
+"""The training noise and objective: pure tensor functions (docs/science.md)."""

@@ -1,0 +1,1 @@
+"""Sampling: brightness metrics, images and grids, generation, validation, class images; `generate`."""

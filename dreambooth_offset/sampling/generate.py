@@ -1,0 +1,117 @@
+"""Sampling a Stable Diffusion pipeline from fixed start noises; the pipeline with a LoRA."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from dreambooth_offset.errors import UsageError
+from dreambooth_offset.training.models import unscale_latents
+
+
+def sampler_overrides(scheduler_config) -> dict[str, object]:
+    """Under zero terminal SNR, sampling must start at t = T: "trailing" spacing (Lin et al. 2023,
+    sec. 3.3); SD's "leading" spacing with 50 steps starts at t = 981 and never sees pure noise."""
+    return {"timestep_spacing": "trailing"} if scheduler_config.get("rescale_betas_zero_snr") else {}
+
+
+def build_pipeline(tokenizer, text_encoder, vae, unet, scheduler_config):
+    """A StableDiffusionPipeline over the given parts, with a DDIM sampler from the model's config
+    ("trailing" timesteps when the config has zero-terminal-SNR betas)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler.from_config(scheduler_config, **sampler_overrides(scheduler_config)),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class Samples(NamedTuple):
+    images: Tensor  # (N, 3, H, W) in [0, 1], fp32, CPU
+    start_latents: Tensor  # (N, C, h, w): the x_T each image started from
+    final_latents: Tensor  # (N, C, h, w): the sampler's x_0, in the UNet's (scaled) latent space
+
+
+def start_latents(pipe, seeds: list[int], height: int, width: int) -> Tensor:
+    """x_T for each seed, drawn on the CPU so a seed gives the same start on any device."""
+    shape = (pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+@torch.no_grad()
+def generate(
+    pipe,
+    prompt: str | list[str],
+    seeds: list[int],
+    num_inference_steps: int,
+    guidance_scale: float,
+    height: int | None = None,
+    width: int | None = None,
+    latents: Tensor | None = None,
+    batch_size: int = 8,
+    guidance_rescale: float = 0.0,
+) -> Samples:
+    """One image per seed (or per given start latent), in batches; returns images, x_T and x_0.
+    `prompt` is one prompt for all images or a list with one prompt per image.
+
+    The pipeline stops at the latents and the VAE decodes them here, as the pipeline would
+    (`unscale_latents`, then [-1, 1] -> [0, 1]), so the final latents are kept too."""
+    height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if latents is None:
+        latents = start_latents(pipe, seeds, height, width)
+    prompts = [prompt] * len(latents) if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != len(latents):
+        raise ValueError(f"{len(prompts)} prompts for {len(latents)} images")
+    images, finals = [], []
+    vae = pipe.vae
+    for i in range(0, len(latents), batch_size):
+        chunk = latents[i : i + batch_size]
+        final = pipe(
+            prompts[i : i + batch_size],
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
+            latents=chunk.to(pipe.device, pipe.unet.dtype),
+            output_type="latent",
+        ).images
+        decoded = vae.decode(unscale_latents(final, vae.config).to(vae.dtype)).sample
+        images.append((decoded.float().cpu() / 2 + 0.5).clamp(0, 1))
+        finals.append(final.float().cpu())
+    return Samples(torch.cat(images), latents, torch.cat(finals))
+
+
+def load_pipeline(model_cfg, lora: str | None = None, lora_scale: float = 1.0, zero_terminal_snr: bool = False,
+                  prediction_type: str | None = None):
+    """Base parts from local files (the training loader), plus an optional LoRA through diffusers.
+    `zero_terminal_snr` / `prediction_type` adjust the scheduler as the training did."""
+    from dreambooth_offset.training.models import load_parts
+
+    parts = load_parts(model_cfg, zero_terminal_snr, prediction_type)
+    pipe = build_pipeline(parts.tokenizer, parts.text_encoder, parts.vae, parts.unet, parts.noise_scheduler.config)
+    if lora:
+        path = Path(lora)
+        if not path.exists():
+            raise UsageError(f"--lora {lora}: no such file or folder")
+        try:
+            if path.is_file():
+                pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+            else:
+                pipe.load_lora_weights(str(path))
+        except (OSError, ValueError, KeyError) as err:
+            raise UsageError(f"--lora {lora}: cannot load it ({str(err).splitlines()[0]})") from None
+        if lora_scale != 1.0:
+            pipe.fuse_lora(lora_scale=lora_scale)
+    return pipe

@@ -1,0 +1,71 @@
+"""Training batches: instance rows, then class rows, as latents plus the text conditioning.
+
+When cropping is deterministic (center crop, or images already square at the resolution), each
+(image, flip) is encoded by the VAE once and its posterior (mean, std) is kept; every step then
+draws a fresh posterior sample from the run's generator. The draws are the same as when encoding
+every step, so caching changes speed, not results.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from dreambooth_offset.config import DataConfig
+from dreambooth_offset.training.data import Example, crop_is_random, draw_examples, epoch_indices, stack_pixels
+from dreambooth_offset.training.models import encode_prompts, latent_distribution, sample_latents, tokenize
+
+STREAMS = {"instance": 0, "class": 1}
+
+
+class Batch(NamedTuple):
+    latents: Tensor  # (B, C, h, w), scaled by the VAE's scaling_factor
+    input_ids: Tensor  # (B, L) token ids, used when the text encoder trains
+    encoder_hidden_states: Tensor | None  # (B, L, D) when the text encoder is frozen
+    num_instance: int  # rows [0, num_instance) are instance rows, the rest class rows
+
+
+class BatchSource:
+    def __init__(self, images: dict[str, list[Tensor]], captions: dict[str, list[str]], cfg: DataConfig,
+                 tokenizer, text_encoder, vae, train_text_encoder: bool, seed: int, process_index: int,
+                 num_processes: int):
+        """`captions[source][i]` is the caption of `images[source][i]`; each distinct caption is
+        tokenized (and, with a frozen text encoder, encoded) once."""
+        self.images, self.cfg, self.vae, self.seed = images, cfg, vae, seed
+        self.process_index, self.num_processes = process_index, num_processes
+        row_of = {c: i for i, c in enumerate(dict.fromkeys(c for caps in captions.values() for c in caps))}
+        self.caption_row = {src: [row_of[c] for c in caps] for src, caps in captions.items()}
+        self.input_ids = tokenize(tokenizer, list(row_of))
+        self.embeddings = None
+        if not train_text_encoder:  # a frozen encoder gives the same context every step
+            with torch.no_grad():
+                self.embeddings = encode_prompts(text_encoder, self.input_ids)
+        self.cache = None if any(crop_is_random(imgs, cfg.resolution, cfg.center_crop) for imgs in images.values()) else {}
+
+    def _posterior(self, examples: list[Example]) -> tuple[Tensor, Tensor]:
+        if self.cache is None:
+            pixels = stack_pixels(examples, self.images, self.cfg.resolution)
+            with torch.no_grad():
+                return latent_distribution(self.vae, pixels)
+        missing = [e for e in dict.fromkeys(examples) if e not in self.cache]
+        if missing:
+            with torch.no_grad():
+                mean, std = latent_distribution(self.vae, stack_pixels(missing, self.images, self.cfg.resolution))
+            self.cache.update({e: (m, s) for e, m, s in zip(missing, mean, std)})
+        return torch.stack([self.cache[e][0] for e in examples]), torch.stack([self.cache[e][1] for e in examples])
+
+    def __call__(self, micro_step: int, generator: torch.Generator) -> Batch:
+        """The batch of this process for global micro-step `micro_step` (0, 1, 2, ...)."""
+        b = self.cfg.train_batch_size
+        start = (micro_step * self.num_processes + self.process_index) * b
+        examples = []
+        for source, imgs in self.images.items():
+            indices = epoch_indices(len(imgs), start, b, self.seed, STREAMS[source])
+            examples += draw_examples(source, imgs, indices, self.cfg.resolution, self.cfg.center_crop,
+                                      self.cfg.random_flip, generator)
+        mean, std = self._posterior(examples)
+        latents = sample_latents(mean, std, self.vae.config, generator)
+        rows = torch.tensor([self.caption_row[e.source][e.index] for e in examples])
+        context = None if self.embeddings is None else self.embeddings[rows]
+        return Batch(latents, self.input_ids[rows], context, sum(e.source == "instance" for e in examples))

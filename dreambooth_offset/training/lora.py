@@ -1,0 +1,96 @@
+"""LoRA through peft: inject adapters, collect their weights, write the diffusers LoRA file."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from dreambooth_offset.config import AdapterConfig
+from dreambooth_offset.errors import UsageError
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' load_lora_weights looks for
+
+
+def _lora_config(cfg: AdapterConfig, target_modules: tuple[str, ...]):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.lora_dropout,
+        init_lora_weights="gaussian",  # as diffusers' train_dreambooth_lora.py
+        target_modules=list(target_modules),
+    )
+
+
+def add_adapters(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, cfg: AdapterConfig) -> None:
+    """Add LoRA to the UNet (and the text encoder when given). Only the LoRA parameters train."""
+    for model, targets, flag in (
+        (unet, cfg.unet_target_modules, "unet_target_modules"),
+        (text_encoder, cfg.text_encoder_target_modules, "text_encoder_target_modules"),
+    ):
+        if model is None:
+            continue
+        try:
+            model.add_adapter(_lora_config(cfg, targets))
+        except ValueError as err:
+            raise UsageError(f"--{flag} {' '.join(targets)}: {str(err).splitlines()[0]}") from None
+
+
+def trainable_parameters(*models: torch.nn.Module | None) -> list[torch.nn.Parameter]:
+    return [p for m in models if m is not None for p in m.parameters() if p.requires_grad]
+
+
+def lora_state_dicts(unet, text_encoder=None) -> tuple[dict, dict | None]:
+    """The adapters' weights with peft's key names (`...to_q.lora_A.weight`), on CPU, fp32.
+
+    Not passed through `convert_state_dict_to_diffusers`: it renames attention keys to the old
+    `lora.down` style but leaves conv keys as `lora_A`, and diffusers' loader cannot read the mix.
+    `load_lora_weights` reads peft-named keys directly.
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    def collect(model):
+        state = get_peft_model_state_dict(model, save_embedding_layers=False)  # LoRA only, never embeddings
+        return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+
+    return collect(unet), (collect(text_encoder) if text_encoder is not None else None)
+
+
+def adapter_metadata(model) -> dict | None:
+    """The LoraConfig as a dict; diffusers stores it in the file so loading restores alpha/rank."""
+    if model is None:
+        return None
+    meta = model.peft_config["default"].to_dict()
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in meta.items()}
+
+
+def write_diffusers_lora(directory: str | Path, unet_state: dict | None, text_encoder_state: dict | None = None,
+                         unet_metadata: dict | None = None, text_encoder_metadata: dict | None = None) -> Path:
+    """Write `pytorch_lora_weights.safetensors` (what `load_lora_weights` reads) into `directory`
+    atomically: diffusers writes into a temporary folder on the same file system, and the finished
+    file replaces the old one with `os.replace`, so a crash never leaves a half-written file.
+
+    The states are peft-named (`...to_q.lora_A.weight`); the metadata are LoraConfig dicts, which
+    diffusers stores in the file so that loading restores alpha and rank."""
+    from diffusers import StableDiffusionPipeline
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-lora-") as tmp:
+        StableDiffusionPipeline.save_lora_weights(
+            tmp, unet_lora_layers=unet_state, text_encoder_lora_layers=text_encoder_state,
+            unet_lora_adapter_metadata=unet_metadata, text_encoder_lora_adapter_metadata=text_encoder_metadata,
+            safe_serialization=True,
+        )
+        target = directory / LORA_WEIGHT_NAME
+        os.replace(Path(tmp) / LORA_WEIGHT_NAME, target)
+    return target
+
+
+def save_lora(directory: str | Path, unet, text_encoder=None) -> Path:
+    """The adapters of `unet` (and `text_encoder`) as the diffusers LoRA file in `directory`."""
+    return write_diffusers_lora(directory, *lora_state_dicts(unet, text_encoder), adapter_metadata(unet),
+                                adapter_metadata(text_encoder))

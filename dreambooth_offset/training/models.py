@@ -1,0 +1,124 @@
+"""Load Stable Diffusion parts from a local folder (or the local hub cache), freeze and encode."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from dreambooth_offset.config import ModelConfig
+from dreambooth_offset.errors import UsageError
+
+
+class SDParts(NamedTuple):
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: object
+
+
+def resolve_model_path(cfg: ModelConfig) -> str:
+    """A local folder as given, or a hub id resolved to its snapshot in the local cache; never the network."""
+    name = cfg.pretrained_model_name_or_path
+    if not name:
+        raise UsageError("--pretrained_model_name_or_path is required (a diffusers folder or a cached hub id)")
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
+            raise UsageError(f"{name} is not a diffusers Stable Diffusion folder (no model_index.json or unet/)")
+        return str(path)
+    if path.is_absolute() or name.startswith((".", "~")) or name.count("/") != 1:
+        raise UsageError(f"model folder {name} does not exist")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(name, revision=cfg.revision, local_files_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        raise UsageError(
+            f"{name} is neither a local folder nor in the local hub cache; "
+            "download it once (e.g. `hf download`) or pass a local diffusers folder"
+        ) from None
+
+
+def training_scheduler(scheduler_config, zero_terminal_snr: bool = False, prediction_type: str | None = None):
+    """A DDPMScheduler from a scheduler config, with the betas rescaled to zero terminal SNR
+    (Lin et al. 2023, diffusers' `rescale_betas_zero_snr`) and/or another `prediction_type`.
+
+    The overrides land in the scheduler's config, so samplers built `from_config` inherit them."""
+    from diffusers import DDPMScheduler
+
+    overrides: dict[str, object] = {}
+    if zero_terminal_snr:
+        overrides["rescale_betas_zero_snr"] = True
+    if prediction_type is not None:
+        overrides["prediction_type"] = prediction_type
+    return DDPMScheduler.from_config(scheduler_config, **overrides)
+
+
+def load_parts(cfg: ModelConfig, zero_terminal_snr: bool = False, prediction_type: str | None = None) -> SDParts:
+    """Tokenizer, text encoder, VAE, UNet and the DDPM training scheduler, from local files only.
+
+    `zero_terminal_snr` / `prediction_type` adjust the scheduler (`training_scheduler`)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    root = resolve_model_path(cfg)
+    weights = {"local_files_only": True, "variant": cfg.variant}
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True)
+        noise_scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **weights)
+        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **weights)
+        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", **weights)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"cannot load {cfg.pretrained_model_name_or_path}: {first_line}") from None
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False)
+        module.eval()
+    if zero_terminal_snr or prediction_type is not None:
+        noise_scheduler = training_scheduler(noise_scheduler.config, zero_terminal_snr, prediction_type)
+    return SDParts(tokenizer, text_encoder, vae, unet, noise_scheduler)
+
+
+def tokenize(tokenizer, prompts: list[str]) -> Tensor:
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def encode_prompts(text_encoder: torch.nn.Module, input_ids: Tensor) -> Tensor:
+    """Last hidden state of the CLIP text encoder: the UNet's cross-attention context."""
+    return text_encoder(input_ids.to(text_encoder.device))[0]
+
+
+def latent_distribution(vae: torch.nn.Module, pixels: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean, std) of the VAE's diagonal Gaussian posterior for pixels in [-1, 1], fp32."""
+    dist = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    return dist.mean.float(), dist.std.float()
+
+
+def scale_latents(latents: Tensor, vae_config) -> Tensor:
+    """VAE latents into the UNet's space: minus `shift_factor` (if any), times `scaling_factor`."""
+    shift = getattr(vae_config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae_config.scaling_factor
+
+
+def unscale_latents(latents: Tensor, vae_config) -> Tensor:
+    """The inverse of `scale_latents`: UNet latents back into the VAE's space, for decoding."""
+    shift = getattr(vae_config, "shift_factor", None) or 0.0
+    return latents / vae_config.scaling_factor + shift
+
+
+def native_resolution(unet_config, vae_config) -> int:
+    """The image side a model was made for: the UNet's sample_size times the VAE's downsampling."""
+    return unet_config.sample_size * 2 ** (len(vae_config.block_out_channels) - 1)
+
+
+def sample_latents(mean: Tensor, std: Tensor, vae_config, generator: torch.Generator) -> Tensor:
+    """A posterior draw, scaled into the UNet's latent space (`scale_latents`)."""
+    eps = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean.device)
+    return scale_latents(mean + std * eps, vae_config)

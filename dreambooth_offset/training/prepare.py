@@ -1,0 +1,188 @@
+"""Everything before the first training step: input checks, accelerate, models, data, LoRA,
+optimizer, and the step to start from."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from dreambooth_offset.config import RunConfig
+from dreambooth_offset.errors import UsageError
+from dreambooth_offset.noise.auto import AutoOffset, describe
+from dreambooth_offset.training import checkpoint
+from dreambooth_offset.training.auto_offset import RECORD_NAME, resolve_auto_offset, write_record
+from dreambooth_offset.training.batches import BatchSource
+from dreambooth_offset.training.data import find_images, load_resized, read_captions
+from dreambooth_offset.training.lora import add_adapters, trainable_parameters
+from dreambooth_offset.training.models import SDParts, load_parts, native_resolution, training_scheduler
+from dreambooth_offset.training.optim import make_lr_scheduler, make_optimizer
+
+CONFIG_NAME = "training_config.json"
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class Inputs(NamedTuple):
+    instance_images: list[Path]
+    resume: Path | None  # the checkpoint folder to resume from
+
+
+def check_inputs(cfg: RunConfig) -> Inputs:
+    """Everything that can be checked before a model loads; raises UsageError naming the culprit."""
+    if not cfg.data.instance_data_dir:
+        raise UsageError("--instance_data_dir is required")
+    if not cfg.data.instance_prompt:
+        raise UsageError("--instance_prompt is required")
+    captions = cfg.data.caption_extension
+    instance = find_images(cfg.data.instance_data_dir, "instance_data_dir", caption_extension=captions)
+    if cfg.data.with_prior_preservation and Path(cfg.data.class_data_dir).is_dir():
+        find_images(cfg.data.class_data_dir, "class_data_dir", allow_empty=True, caption_extension=captions)
+    out = Path(cfg.train.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"--output_dir {out}: not writable ({err.strerror})") from None
+    return Inputs(instance, checkpoint.resolve_resume(out, cfg.train.resume_from_checkpoint))
+
+
+def make_accelerator(cfg: RunConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    from dreambooth_offset.compat import reset_accelerator_state
+
+    out = Path(cfg.train.output_dir)
+    reset_accelerator_state()  # a second train() in this process may choose another precision
+    try:
+        return Accelerator(
+            # With no GPU, cpu=True is what lets torchrun/accelerate launch run MULTI_CPU (gloo).
+            cpu=not torch.accelerator.is_available(),
+            mixed_precision=cfg.train.mixed_precision,
+            gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+            log_with=None if cfg.train.report_to == "none" else cfg.train.report_to,
+            project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        )
+    except ValueError as err:
+        raise UsageError(f"--mixed_precision {cfg.train.mixed_precision}: {err}") from None
+
+
+@dataclass
+class Run:
+    """A run ready to train: what the loop reads and steps."""
+
+    config: RunConfig  # as saved beside the LoRA: the resolution and noise_offset 'auto' resolved
+    accelerator: object
+    generator: torch.Generator  # the run's one generator: noise, timesteps, posterior draws, crops, flips
+    parts: SDParts  # the frozen parts; noise_scheduler is the training one
+    unet: torch.nn.Module  # with LoRA, prepared by accelerate
+    text_encoder: torch.nn.Module | None  # with LoRA when it trains, else None
+    params: list[torch.nn.Parameter]  # the trainable (LoRA) parameters
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    batches: BatchSource
+    auto: AutoOffset | None  # what noise_offset 'auto' chose, if asked
+    first_step: int  # 0, or the step of the checkpoint resumed from
+    started: float  # Unix time the run started
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.config.train.output_dir)
+
+    @property
+    def trained(self) -> list[torch.nn.Module]:
+        return [m for m in (self.unet, self.text_encoder) if m is not None]
+
+
+def prepare(cfg: RunConfig) -> Run:
+    from accelerate.utils import set_seed
+
+    started = time.time()
+    inputs = check_inputs(cfg)
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.train.seed)  # peft's LoRA init and dropout use torch's global RNG
+    generator = torch.Generator().manual_seed(cfg.train.seed + 1_000_003 * accelerator.process_index)
+    parts = load_parts(cfg.model)
+    resolution = cfg.data.resolution or native_resolution(parts.unet.config, parts.vae.config)
+    config = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, resolution=resolution))
+    images, captions = load_data(config, parts, accelerator, inputs.instance_images)
+    if config.noise.zero_terminal_snr or config.loss.prediction_type is not None:  # after the class images
+        parts = parts._replace(noise_scheduler=training_scheduler(
+            parts.noise_scheduler.config, config.noise.zero_terminal_snr, config.loss.prediction_type))
+    for module in (parts.unet, parts.vae, parts.text_encoder):
+        module.to(accelerator.device)
+        if config.train.mixed_precision != "no":  # casting fp32 to fp32 would only make diffusers warn
+            module.to(dtype=WEIGHT_DTYPES[config.train.mixed_precision])
+    config, auto, channel_means = resolve_auto_offset(config, parts.vae, parts.noise_scheduler, images)
+    if auto is not None:
+        accelerator.print(describe(auto))
+        if accelerator.is_main_process:
+            write_record(Path(config.train.output_dir) / RECORD_NAME, auto, channel_means)
+    unet, text_encoder, params, optimizer, lr_scheduler = make_trainable(config, parts, accelerator)
+    batches = BatchSource(images, captions, config.data, parts.tokenizer, parts.text_encoder, parts.vae,
+                          config.adapter.train_text_encoder, config.train.seed, accelerator.process_index,
+                          accelerator.num_processes)
+    run = Run(config, accelerator, generator, parts, unet, text_encoder, params, optimizer, lr_scheduler, batches,
+              auto, 0, started)
+    run.first_step = start_step(run, inputs.resume)
+    return run
+
+
+def load_data(cfg: RunConfig, parts: SDParts, accelerator, instance_images: list[Path]):
+    """(images, captions) per source ("instance", and "class" with prior preservation, whose
+    missing images the base generates first): uint8 tensors resized for `cfg.data.resolution`."""
+    from dreambooth_offset.sampling.class_images import ensure_class_images
+
+    paths = {"instance": instance_images}
+    prompts = {"instance": cfg.data.instance_prompt, "class": cfg.data.class_prompt}
+    if cfg.data.with_prior_preservation:  # the base samples its class images with its own scheduler
+        paths["class"] = ensure_class_images(parts, cfg, accelerator)
+    images = {src: load_resized(p, cfg.data.resolution) for src, p in paths.items()}
+    captions = {src: read_captions(p, cfg.data.caption_extension, prompts[src]) for src, p in paths.items()}
+    return images, captions
+
+
+def make_trainable(cfg: RunConfig, parts: SDParts, accelerator):
+    """LoRA on the UNet (and text encoder), fp32 LoRA weights, optimizer and schedule, all
+    prepared by accelerate: (unet, text_encoder or None, params, optimizer, lr_scheduler)."""
+    from diffusers.training_utils import cast_training_params
+
+    unet = parts.unet
+    text_encoder = parts.text_encoder if cfg.adapter.train_text_encoder else None
+    add_adapters(unet, text_encoder, cfg.adapter)
+    trained = [m for m in (unet, text_encoder) if m is not None]
+    cast_training_params(trained, dtype=torch.float32)  # LoRA weights train in fp32 under fp16/bf16
+    if cfg.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if text_encoder is not None:
+            text_encoder.gradient_checkpointing_enable()
+    params = trainable_parameters(*trained)
+    optimizer = make_optimizer(params, cfg.optim)
+    lr_scheduler = make_lr_scheduler(optimizer, cfg.optim, cfg.train, accelerator.num_processes)
+    if text_encoder is not None:
+        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
+    else:
+        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    checkpoint.register_lora_hooks(accelerator, unet, text_encoder)
+    return unet, text_encoder, params, optimizer, lr_scheduler
+
+
+def start_step(run: Run, resume: Path | None) -> int:
+    """Load the checkpoint to resume from (if any), save the resolved config, start the trackers;
+    the step to start from."""
+    accelerator, first_step = run.accelerator, 0
+    if resume is not None:
+        first_step = checkpoint.load_checkpoint(accelerator, resume, run.generator)
+        accelerator.print(f"resumed from {resume} at step {first_step}")
+    elif run.config.train.resume_from_checkpoint == "latest":
+        accelerator.print(f"no checkpoint in {run.output_dir} yet: starting from step 0")
+    if accelerator.is_main_process:
+        run.config.save_json(run.output_dir / CONFIG_NAME)
+        loggable = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in run.config.to_dict().items()}
+        accelerator.init_trackers("dreambooth-offset", config=loggable)  # tensorboard's hparams: scalars, strings
+    return first_step

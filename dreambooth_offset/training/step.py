@@ -1,0 +1,64 @@
+"""One training step: the math of a step (`train_step`) and one optimizer step over the
+accumulated micro-batches (`optimizer_step`)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dreambooth_offset.config import RunConfig
+from dreambooth_offset.errors import TrainingDiverged
+from dreambooth_offset.noise.noise import perturb_input_noise, sample_noise, training_progress
+from dreambooth_offset.noise.objective import Loss, dreambooth_loss, huber_threshold, min_snr_weights, training_target
+from dreambooth_offset.training.batches import Batch
+from dreambooth_offset.training.checkpoint import list_checkpoints
+from dreambooth_offset.training.models import encode_prompts
+
+
+def train_step(unet, text_encoder, noise_scheduler, batch: Batch, cfg: RunConfig, generator: torch.Generator,
+               step: int = 0) -> Loss:
+    """Noise the latents at random timesteps and regress the UNet on the scheduler's target.
+
+    `step` (0-based optimizer step) drives noise_offset_schedule. Input perturbation changes the
+    UNet's input only; the target is built from the clean `noise` (docs/science.md, 'Offset noise
+    and its variants')."""
+    latents = batch.latents
+    noise = sample_noise(latents, cfg.noise, generator, training_progress(step, cfg.train.max_train_steps))
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    timesteps = timesteps.to(latents.device)
+    noisy_latents = noise_scheduler.add_noise(latents, perturb_input_noise(noise, cfg.noise, generator), timesteps)
+    context = batch.encoder_hidden_states
+    if context is None:
+        context = encode_prompts(text_encoder, batch.input_ids)
+    model_pred = unet(noisy_latents, timesteps, context.to(latents.device)).sample
+    target = training_target(noise_scheduler, latents, noise, timesteps)
+    weights = min_snr_weights(noise_scheduler, timesteps, cfg.loss.snr_gamma) if cfg.loss.snr_gamma else None
+    huber_c = huber_threshold(noise_scheduler, timesteps, cfg.loss) if cfg.loss.loss_type != "l2" else None
+    return dreambooth_loss(model_pred, target, batch.num_instance, cfg.data.prior_loss_weight, weights,
+                           cfg.loss.loss_type, huber_c)
+
+
+def optimizer_step(run, step: int) -> tuple[Loss, float]:
+    """Optimizer step `step` (0-based) of a prepared run (training/prepare.py): its micro-batches'
+    forward and backward, clipping, the update. Returns the last micro-batch's loss and its value.
+
+    Raises TrainingDiverged (naming the step and the last good checkpoint) on a NaN or inf loss,
+    before it reaches the weights."""
+    cfg, accelerator = run.config, run.accelerator
+    accum = cfg.train.gradient_accumulation_steps
+    for micro in range(accum):
+        with accelerator.accumulate(*run.trained):
+            batch = run.batches(step * accum + micro, run.generator)
+            loss = train_step(run.unet, run.text_encoder, run.parts.noise_scheduler, batch, cfg, run.generator, step)
+            total = loss.total.item()  # one host sync per micro-step, reused by the log
+            if not math.isfinite(total):
+                last = list_checkpoints(run.output_dir)
+                raise TrainingDiverged(f"loss became {total} at step {step + 1}; stopped without writing the LoRA. "
+                                       f"Last good checkpoint: {last[-1] if last else 'none'}")
+            accelerator.backward(loss.total)
+            if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(run.params, cfg.optim.max_grad_norm)
+            run.optimizer.step()
+            run.lr_scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+    return loss, total

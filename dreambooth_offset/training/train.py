@@ -1,0 +1,108 @@
+"""The training loop: DreamBooth LoRA with offset noise, under accelerate.
+
+batch -> step -> backward -> optimizer (step.py), then one call each for the log, checkpoints
+and validation. Everything before the first step is in prepare.py.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dreambooth_offset.config import RunConfig
+from dreambooth_offset.noise.objective import Loss
+from dreambooth_offset.training import checkpoint
+from dreambooth_offset.training.lora import LORA_WEIGHT_NAME
+from dreambooth_offset.training.outputs import write_lora_files
+from dreambooth_offset.training.prepare import CONFIG_NAME, Run, prepare
+from dreambooth_offset.training.step import optimizer_step
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int  # optimizer steps run in this call (after a resume: the remaining ones)
+    seconds: float
+    lora_path: Path
+    unet: torch.nn.Module  # the trained UNet with its LoRA, unwrapped from accelerate
+    text_encoder: torch.nn.Module  # with LoRA when --train_text_encoder, else the frozen base
+    parts: object  # the loaded SDParts (tokenizer, vae, scheduler ...) for sampling after training
+    steps_per_second: float  # the loop's rate after its first step (setup and warm-up left out)
+    config: RunConfig  # the run's config as saved: the resolution and noise_offset 'auto' resolved
+
+
+def train(cfg: RunConfig, progress_bar: dict | None = None) -> TrainResult:
+    """Run the configured training; `progress_bar` holds extra tqdm arguments for the step bar
+    (a `desc` naming the run, a `position` when several runs share a terminal)."""
+    from tqdm.auto import tqdm
+
+    run = prepare(cfg)
+    total_steps = run.config.train.max_train_steps
+    bar = tqdm(range(run.first_step, total_steps), initial=run.first_step, total=total_steps,
+               **{"desc": "train", **(progress_bar or {})}, disable=not run.accelerator.is_local_main_process)
+    first_done = None
+    for model in run.trained:
+        model.train()  # LoRA dropout on; frozen modules have no dropout/batch-norm of their own
+    for step in bar:
+        loss, total = optimizer_step(run, step)
+        first_done = first_done or time.perf_counter()
+        done = step + 1
+        log_step(run, bar, loss, total, done)
+        if every(run.config.train.checkpointing_steps, done) and done < total_steps:
+            save_checkpoint(run, done)
+        if run.config.validation.validation_prompt and (every(run.config.validation.validation_steps, done)
+                                                        or done == total_steps):
+            validate(run, done)
+    return finish(run, first_done, time.perf_counter())
+
+
+def every(interval: int, done: int) -> bool:
+    """Whether `done` steps complete an interval of `interval` steps (0: never)."""
+    return bool(interval) and done % interval == 0
+
+
+def log_step(run: Run, bar, loss: Loss, total: float, done: int) -> None:
+    logs = {"loss": total, "loss_instance": loss.instance.item(), "lr": run.lr_scheduler.get_last_lr()[0]}
+    if loss.prior is not None:
+        logs["loss_prior"] = loss.prior.item()
+    bar.set_postfix(loss=f"{total:.4f}")
+    run.accelerator.log(logs, step=done)
+
+
+def save_checkpoint(run: Run, step: int) -> Path:
+    """Everything needed to continue at `step`: accelerate's state, the LoRA files, the generator."""
+    with checkpoint.staged(run.accelerator, run.output_dir, step, run.config.train.checkpoints_total_limit) as folder:
+        run.accelerator.save_state(str(folder))
+        if run.accelerator.is_main_process:
+            write_lora_files(folder, run, step)
+        checkpoint.save_trainer_state(folder, step, run.generator, run.accelerator.process_index)
+    return folder.with_name(f"checkpoint-{step}")
+
+
+def validate(run: Run, step: int) -> None:
+    from dreambooth_offset.sampling.validation import run_validation
+
+    if run.accelerator.is_main_process:
+        run_validation(run, step)
+        for model in run.trained:
+            model.train()
+    run.accelerator.wait_for_everyone()
+
+
+def finish(run: Run, first_done: float | None, loop_end: float) -> TrainResult:
+    """Write the final LoRA files (main process), close the trackers, report."""
+    accelerator, cfg, out = run.accelerator, run.config, run.output_dir
+    accelerator.wait_for_everyone()
+    lora_path = out / LORA_WEIGHT_NAME
+    if accelerator.is_main_process:
+        lora_path = write_lora_files(out, run, cfg.train.max_train_steps)
+    accelerator.end_training()
+    steps = cfg.train.max_train_steps - run.first_step
+    rate = (steps - 1) / max(loop_end - (first_done or loop_end), 1e-9)
+    result = TrainResult(steps, time.time() - run.started, lora_path, accelerator.unwrap_model(run.unet),
+                         accelerator.unwrap_model(run.text_encoder or run.parts.text_encoder), run.parts, rate, cfg)
+    logs = f"; logs: {out / 'logs'}" if cfg.train.report_to != "none" else ""
+    accelerator.print(f"trained {result.steps} steps in {result.seconds:.1f} s; LoRA: {result.lora_path}; "
+                      f"config: {out / CONFIG_NAME}{logs}")
+    return result

@@ -1,0 +1,274 @@
+"""LoRA weights between peft/diffusers naming and the kohya (WebUI) format.
+
+Everything passes through `Modules`: "unet.<module path>" / "text_encoder.<module path>" ->
+LoraModule(down, up, alpha), text-encoder paths under `text_model.` as the WebUIs name them. The
+update a module adds to its weight is `up @ down * alpha / rank`, kohya's and A1111's convention.
+diffusers' converters do the renaming; this module adds the alpha (diffusers'
+`convert_state_dict_to_kohya` writes the rank there, which drops peft's `lora_alpha / r` scale)
+and the checks that turn a bad file into a one-line error.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Mapping, NamedTuple
+
+import torch
+
+from dreambooth_offset.compat import kohya_to_diffusers
+from dreambooth_offset.errors import UsageError
+from dreambooth_offset.training.lora import LORA_WEIGHT_NAME, write_diffusers_lora
+from dreambooth_offset.webui.keys import canonical_text_encoder_path, infer_base as _infer_base, ldm_to_diffusers_names
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+KOHYA_PARTS = {"lora_down.weight", "lora_up.weight", "alpha"}
+DTYPES = {"same": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class LoraModule(NamedTuple):
+    down: torch.Tensor  # peft lora_A: (rank, in) or (rank, in, kh, kw)
+    up: torch.Tensor  # peft lora_B: (out, rank) or (out, rank, 1, 1)
+    alpha: float  # WebUI alpha: the update is up @ down * alpha / rank
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+
+Modules = dict[str, LoraModule]
+
+
+def resolve(source: str | Path) -> Path:
+    """The LoRA file itself, or the one in a folder (diffusers' file name first)."""
+    path = Path(source)
+    if path.is_dir():
+        found = sorted(path.glob("*.safetensors"))
+        if (path / LORA_WEIGHT_NAME).is_file():
+            return path / LORA_WEIGHT_NAME
+        if len(found) == 1:
+            return found[0]
+        pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        hint = f" (only pickle files: {', '.join(pickled)}; they are never unpickled here)" if pickled else ""
+        raise UsageError(f"{path}: no single LoRA .safetensors file in this folder{hint}")
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    return path
+
+
+def read_lora_file(source: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, header metadata) of a safetensors file; pickle files are refused unopened."""
+    from safetensors import SafetensorError, safe_open
+
+    path = resolve(source)
+    pickle_note = "a pickle file, which can run code when loaded, so it is never unpickled here; " \
+                  "convert it to .safetensors with a tool you trust"
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise UsageError(f"{path}: {pickle_note}")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic.startswith(b"PK") or magic[:1] == b"\x80":  # torch zip archive / raw pickle stream
+            raise UsageError(f"{path}: {pickle_note}") from None
+        raise UsageError(f"{path}: not a safetensors file ({str(err).splitlines()[0]})") from None
+    return tensors, metadata
+
+
+def detect_format(tensors: Mapping[str, torch.Tensor], source) -> str:
+    """'kohya' (lora_unet_/lora_te_ keys) or 'diffusers' (unet./text_encoder. keys)."""
+    if not tensors:
+        raise UsageError(f"{source}: the file holds no tensors")
+    if all(k.startswith(KOHYA_PREFIXES) for k in tensors):
+        if any(k.startswith("lora_te2_") for k in tensors):
+            raise UsageError(f"{source}: an SDXL LoRA (lora_te2_ keys); only SD 1.x/2.x are supported so far")
+        return "kohya"
+    if all(k.startswith(("unet.", "text_encoder.")) for k in tensors):
+        return "diffusers"
+    odd = next(k for k in tensors if not k.startswith(KOHYA_PREFIXES + ("unet.", "text_encoder.")))
+    raise UsageError(f"{source}: unknown key {odd!r}; expected a diffusers LoRA (unet./text_encoder. keys) "
+                     "or a WebUI one (lora_unet_/lora_te_ keys)")
+
+
+def adapter_metadata(header: Mapping[str, str]) -> dict | None:
+    """The LoraConfig dicts diffusers' save_lora_weights stores ("unet.lora_alpha": 8, ...)."""
+    raw = header.get("lora_adapter_metadata")
+    try:
+        return json.loads(raw) if raw else None
+    except json.JSONDecodeError:
+        raise UsageError("the file's lora_adapter_metadata is not JSON") from None
+
+
+def _scale(config: Mapping, module: str, rank: int, where: str) -> float:
+    """peft's scale for `module`: lora_alpha / r, or / sqrt(r) with rsLoRA (rank/alpha patterns applied)."""
+    from peft.utils.other import get_pattern_key
+
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    r = ranks.get(get_pattern_key(ranks.keys(), module), config.get("r") or rank)
+    if r != rank:
+        raise UsageError(f"{where}{module}: the tensors have rank {rank}, the adapter config says {r}")
+    alpha = alphas.get(get_pattern_key(alphas.keys(), module), config.get("lora_alpha"))
+    if alpha is None:
+        return 1.0  # no alpha recorded: diffusers loads such a file with alpha = rank
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def _check_shapes(key: str, down: torch.Tensor, up: torch.Tensor, where: str) -> None:
+    ok = down.ndim == up.ndim and down.ndim in (2, 4) and up.shape[1] == down.shape[0]
+    if ok and down.ndim == 4:
+        ok = tuple(up.shape[2:]) == (1, 1)
+    if not ok:
+        raise UsageError(f"{where}{key}: down {tuple(down.shape)} and up {tuple(up.shape)} do not form a LoRA pair")
+
+
+def modules_from_peft(state: Mapping[str, torch.Tensor], component: str, config: Mapping | None = None,
+                      source: str = "") -> Modules:
+    """Group one model's adapter weights (peft or diffusers naming) into modules with WebUI alphas."""
+    from diffusers.utils.state_dict_utils import StateDictType, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+
+    where = f"{source}: {component}." if source else f"{component}."
+    if component == "unet":
+        state = convert_unet_state_dict_to_peft(dict(state))
+    else:  # lora_linear_layer.down and to_q_lora.down spellings -> lora_A
+        state = convert_state_dict_to_peft(dict(state), original_type=StateDictType.DIFFUSERS_OLD)
+    pairs: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, tensor in state.items():
+        m = re.fullmatch(r"(.+)\.lora_([AB])\.weight", key)
+        if m is None:
+            what = "DoRA is not supported" if "magnitude" in key else "not a LoRA weight (lora_A / lora_B)"
+            raise UsageError(f"{where}{key}: {what}")
+        pairs[m[1]][m[2]] = tensor
+    modules = {}
+    for path, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise UsageError(f"{where}{path}: lora_{'A' if 'B' in pair else 'B'} is missing")
+        _check_shapes(path, pair["A"], pair["B"], where)
+        rank = pair["A"].shape[0]
+        alpha = _scale(config or {}, path, rank, where) * rank
+        name = canonical_text_encoder_path(path) if component == "text_encoder" else path
+        modules[f"{component}.{name}"] = LoraModule(pair["A"], pair["B"], alpha)
+    return modules
+
+
+def modules_from_diffusers(tensors: Mapping[str, torch.Tensor], adapter_meta: Mapping | None,
+                           lora_alpha: float | None, source) -> Modules:
+    """Modules of a diffusers LoRA file; alphas from its adapter metadata (or `lora_alpha`)."""
+    modules = {}
+    for component in ("unet", "text_encoder"):
+        prefix = component + "."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        config = {k[len(prefix):]: v for k, v in (adapter_meta or {}).items() if k.startswith(prefix)}
+        if lora_alpha is not None:
+            config = {**config, "lora_alpha": lora_alpha, "alpha_pattern": {}}
+        if state:
+            modules.update(modules_from_peft(state, component, config, str(source)))
+    return modules
+
+
+def modules_to_kohya(modules: Modules, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """kohya keys `lora_unet_...`/`lora_te_...` with `.lora_down.weight`, `.lora_up.weight`, `.alpha`."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    out = {}
+    for key, m in modules.items():
+        part = convert_state_dict_to_kohya({f"{key}.lora_A.weight": m.down, f"{key}.lora_B.weight": m.up})
+        for kohya_key, tensor in part.items():
+            name, what = kohya_key.split(".", 1)
+            # diffusers spells the text encoder `lora_te1_` (SDXL's first one); SD 1.x/2.x files use `lora_te_`.
+            name = "lora_te_" + name[len("lora_te1_"):] if name.startswith("lora_te1_") else name
+            if what == "alpha":  # diffusers writes the rank here; the trained alpha goes in instead
+                out[f"{name}.alpha"] = torch.tensor(float(m.alpha))
+            else:
+                out[f"{name}.{what}"] = (tensor if dtype is None else tensor.to(dtype)).contiguous()
+    return out
+
+
+def modules_from_kohya(tensors: Mapping[str, torch.Tensor], source) -> Modules:
+    """Modules of a kohya/WebUI file, named by diffusers' own converter (the one load_lora_weights uses)."""
+    grouped: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, tensor in tensors.items():
+        name, _, what = key.partition(".")
+        if what not in KOHYA_PARTS:
+            raise UsageError(f"{source}: {key}: not a plain LoRA key (LoCon/LoHa/LoKr/DoRA parts are not supported)")
+        grouped[name][what] = tensor
+    if any(re.match(r"lora_unet_(input_blocks|middle_block|output_blocks|time_embed|out)_", n) for n in grouped):
+        renames = ldm_to_diffusers_names()  # older files use the LDM UNet's names
+        grouped = defaultdict(dict, {renames.get(n, n): parts for n, parts in grouped.items()})
+    modules = {}
+    for name, parts in grouped.items():
+        if not {"lora_down.weight", "lora_up.weight"} <= set(parts):
+            raise UsageError(f"{source}: {name}: lora_down/lora_up pair incomplete")
+        one = {f"{name}.{what}": t for what, t in parts.items()}
+        try:
+            converted, alphas = kohya_to_diffusers(one)
+        except (ValueError, KeyError) as err:
+            raise UsageError(f"{source}: {name}: diffusers cannot place it ({str(err).strip().splitlines()[0]})") from None
+        component = next(iter(converted)).split(".", 1)[0]
+        peft_part = {k.split(".", 1)[1]: v for k, v in converted.items()}
+        (key, module), = modules_from_peft(peft_part, component, None, str(source)).items()
+        alpha = float(next(iter(alphas.values()))) if alphas else float(module.rank)  # kohya: no alpha = rank
+        modules[key] = module._replace(alpha=alpha)
+    return modules
+
+
+@functools.lru_cache(maxsize=None)
+def _clip_has_text_model_root() -> bool:
+    """Older transformers nest CLIPTextModel's layers under `text_model.`; newer ones do not."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(hidden_size=8, intermediate_size=8, num_attention_heads=1, num_hidden_layers=1,
+                            max_position_embeddings=4)
+    with torch.device("meta"):
+        return hasattr(CLIPTextModel(config), "text_model")
+
+
+def lora_config_kwargs(modules: Mapping[str, LoraModule]) -> dict:
+    """LoraConfig arguments (most common rank/alpha, the rest as patterns) for one model's modules."""
+    ranks = {p: m.rank for p, m in modules.items()}
+    alphas = {p: m.alpha for p, m in modules.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    return {"r": r, "lora_alpha": alpha, "target_modules": sorted(modules),
+            "rank_pattern": {p: v for p, v in ranks.items() if v != r},
+            "alpha_pattern": {p: v for p, v in alphas.items() if v != alpha}}
+
+
+def save_diffusers_lora(directory: str | Path, modules: Modules) -> Path:
+    """Write `pytorch_lora_weights.safetensors` for load_lora_weights, with the alphas in its adapter metadata."""
+    layers, configs = {}, {}
+    for component in ("unet", "text_encoder"):
+        mine = {k.split(".", 1)[1]: m for k, m in modules.items() if k.startswith(component + ".")}
+        if component == "text_encoder" and not _clip_has_text_model_root():
+            mine = {p.removeprefix("text_model."): m for p, m in mine.items()}
+        if mine:
+            state = {f"{p}.lora_{ab}.weight": t.contiguous() for p, m in mine.items() for ab, t in (("A", m.down), ("B", m.up))}
+            # peft naming, as the trainer writes it: diffusers 0.42's load_lora_adapter converts the
+            # old `to_q.lora.down` spelling only when the *first* key lacks `lora_A`, so the mix that
+            # convert_state_dict_to_diffusers makes when convs are targeted loses the attention LoRA.
+            layers[component] = state
+            configs[component] = lora_config_kwargs(mine)
+    return write_diffusers_lora(directory, layers.get("unet"), layers.get("text_encoder"), configs.get("unet"),
+                                configs.get("text_encoder"))
+
+
+def infer_base(modules: Modules) -> str | None:
+    """sd_v1 / sd_v2 from the widths the cross-attention keys/values and text encoder read, if any."""
+    dims = [m.down.shape[1] for k, m in modules.items()
+            if k.endswith(("attn2.to_k", "attn2.to_v")) or (k.startswith("text_encoder.") and k.endswith(("_proj", "fc1")))]
+    return _infer_base(dims)
+
+
+def diffusers_accepts(tensors: Mapping[str, torch.Tensor]) -> str:
+    """Whether diffusers' kohya converter (behind load_lora_weights) takes every key."""
+    try:
+        kohya_to_diffusers(dict(tensors))
+    except (ValueError, KeyError) as err:
+        return f"fails ({str(err).strip().splitlines()[0][:120]})"
+    return f"{len(tensors)}/{len(tensors)} keys"

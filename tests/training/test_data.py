@@ -1,0 +1,69 @@
+import pytest
+import torch
+from PIL import Image
+
+from dreambooth_offset.training.data import epoch_indices, find_images, load_resized, read_captions
+from dreambooth_offset.errors import UsageError
+
+
+def test_missing_and_empty_folders(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        find_images(tmp_path / "nope", "instance_data_dir")
+    (tmp_path / "notes.txt").write_text("captions are fine")
+    with pytest.raises(UsageError, match="no images found"):
+        find_images(tmp_path, "instance_data_dir")
+
+
+def test_non_image_and_truncated_files_are_named(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "good.png")
+    (tmp_path / "fake.jpg").write_text("not a jpeg")
+    with pytest.raises(UsageError, match="fake.jpg"):
+        find_images(tmp_path, "instance_data_dir")
+    (tmp_path / "fake.jpg").unlink()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(tmp_path / "cut.jpg", quality=95)
+    data = (tmp_path / "cut.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UsageError, match="cut.jpg"):
+        find_images(tmp_path, "instance_data_dir")
+
+
+def test_exif_orientation_modes_and_resize(tmp_path):
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    img.save(tmp_path / "rot.jpg", exif=exif)
+    Image.new("RGBA", (16, 16), (0, 0, 255, 128)).save(tmp_path / "alpha.png")
+    Image.new("L", (16, 32), 200).save(tmp_path / "grey.png")
+    Image.new("P", (16, 16)).save(tmp_path / "palette.gif")
+    paths = find_images(tmp_path, "instance_data_dir")
+    out = dict(zip((p.name for p in paths), load_resized(paths, 8)))
+    assert out["rot.jpg"].shape == (3, 16, 8)  # portrait after EXIF transpose, short side 8
+    assert out["grey.png"].shape == (3, 16, 8)
+    assert all(t.shape[0] == 3 and t.dtype == torch.uint8 for t in out.values())
+
+
+def test_epoch_indices_visit_every_item_once_per_epoch():
+    seq = epoch_indices(5, 0, 15, seed=1, stream=0)
+    for e in range(3):
+        assert sorted(seq[5 * e : 5 * e + 5]) == list(range(5))
+    assert epoch_indices(5, 7, 4, seed=1, stream=0) == seq[7:11]  # position alone decides
+    assert epoch_indices(5, 0, 15, seed=2, stream=0) != seq
+
+
+def test_sidecar_captions_override_the_folder_prompt(tmp_path):
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    (tmp_path / "a.txt").write_text("  a red circle on a blue background\n")
+    paths = find_images(tmp_path, "instance_data_dir")  # the sidecar is not taken for an image
+    assert [p.name for p in paths] == ["a.png", "b.png"]
+    assert read_captions(paths, ".txt", "a photo of sks dog") == ["a red circle on a blue background",
+                                                                  "a photo of sks dog"]
+    assert read_captions(paths, "", "a photo of sks dog") == ["a photo of sks dog"] * 2  # off by default
+    (tmp_path / "b.cap").write_text("any extension can hold captions")
+    with pytest.raises(UsageError, match="b.cap"):
+        find_images(tmp_path, "instance_data_dir")  # not a known sidecar suffix ...
+    assert find_images(tmp_path, "instance_data_dir", caption_extension=".cap") == paths  # ... unless named
+    assert read_captions(paths, ".cap", "x") == ["x", "any extension can hold captions"]
+    (tmp_path / "b.caption").write_bytes(b"\xff\xfe not utf-8 \xc3")
+    with pytest.raises(UsageError, match="b.caption"):
+        read_captions(paths, ".caption", "x")
