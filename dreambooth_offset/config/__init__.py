@@ -4,15 +4,8 @@ one loader that turns a schema into flags and TOML keys (load.py)."""
 from dreambooth_offset.config.load import add_arguments, config_from_args, given_values, load_config, schema_keys
 from dreambooth_offset.config.noise import LossConfig, NoiseConfig
 from dreambooth_offset.config.run import RunConfig, training_settings
-from dreambooth_offset.config.sections import (
-    AdapterConfig,
-    DataConfig,
-    ModelConfig,
-    OptimConfig,
-    SamplingConfig,
-    TrainConfig,
-    ValidationConfig,
-)
+from dreambooth_offset.config.sections import (AdapterConfig, DataConfig, ModelConfig, OptimConfig, SamplingConfig,
+                                               TrainConfig, ValidationConfig)
 
 __all__ = [
     "AdapterConfig", "DataConfig", "LossConfig", "ModelConfig", "NoiseConfig", "OptimConfig", "RunConfig",

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from dreambooth_offset.config import LossConfig
@@ -61,8 +60,8 @@ def huber_threshold(scheduler, timesteps: Tensor, cfg: LossConfig) -> Tensor:
     raise ValueError(f"unknown huber_schedule {cfg.huber_schedule!r}")
 
 
-def per_sample_loss(model_pred: Tensor, target: Tensor, loss_type: str = "l2", huber_c: Tensor | None = None) -> Tensor:
-    """Loss per sample (B,), averaged over the other dimensions, in fp32.
+def elementwise_loss(model_pred: Tensor, target: Tensor, loss_type: str = "l2", huber_c: Tensor | None = None) -> Tensor:
+    """The loss of every element, shaped like `model_pred`, in fp32.
 
     l2: (p - y)^2; huber: 2c (sqrt((p - y)^2 + c^2) - c); smooth_l1: 2 (sqrt((p - y)^2 + c^2) - c)
     (kohya's `conditional_loss` forms; `huber_c` is per sample; docs/science.md, 'Loss functions').
@@ -72,16 +71,19 @@ def per_sample_loss(model_pred: Tensor, target: Tensor, loss_type: str = "l2", h
     """
     diff2 = (model_pred.float() - target.float()) ** 2
     if loss_type == "l2":
-        loss = diff2
-    elif loss_type in ("huber", "smooth_l1"):
+        return diff2
+    if loss_type in ("huber", "smooth_l1"):
         if huber_c is None:
             raise ValueError(f"loss_type {loss_type!r} needs huber_c")
         c = huber_c.float().view(-1, *([1] * (diff2.ndim - 1)))
         loss = 2.0 * diff2 / (torch.sqrt(diff2 + c**2) + c)
-        if loss_type == "huber":
-            loss = c * loss
-    else:
-        raise ValueError(f"unknown loss_type {loss_type!r}: use 'l2', 'huber' or 'smooth_l1'")
+        return c * loss if loss_type == "huber" else loss
+    raise ValueError(f"unknown loss_type {loss_type!r}: use 'l2', 'huber' or 'smooth_l1'")
+
+
+def per_sample_loss(model_pred: Tensor, target: Tensor, loss_type: str = "l2", huber_c: Tensor | None = None) -> Tensor:
+    """`elementwise_loss` averaged over all but the batch dimension: (B,)."""
+    loss = elementwise_loss(model_pred, target, loss_type, huber_c)
     return loss.mean(dim=tuple(range(1, loss.ndim)))
 
 
@@ -95,21 +97,18 @@ def dreambooth_loss(model_pred: Tensor, target: Tensor, num_instance: int, prior
                     weights: Tensor | None = None, loss_type: str = "l2", huber_c: Tensor | None = None) -> Loss:
     """Loss on the instance rows plus `prior_loss_weight` * loss on the class rows after them.
 
-    DreamBooth (Ruiz et al. 2022) prior preservation (docs/science.md, "Loss functions"): a batch holds `num_instance` instance
-    examples first, then class examples (none without prior preservation). `weights` (B,) scale
-    each sample's loss (Min-SNR); `loss_type` / `huber_c` as in `per_sample_loss`. Plain MSE
-    when neither is given.
+    DreamBooth (Ruiz et al. 2022) prior preservation (docs/science.md, "Loss functions"): a batch
+    holds `num_instance` instance examples first, then class examples (none without prior
+    preservation). `weights` (B,) scale each sample's loss (Min-SNR); `loss_type` / `huber_c` as in
+    `elementwise_loss`. Plain MSE when neither is given.
     """
-    if weights is None and loss_type == "l2":
-        pred, target = model_pred.float(), target.float()
-        instance = F.mse_loss(pred[:num_instance], target[:num_instance])
-        prior = F.mse_loss(pred[num_instance:], target[num_instance:]) if pred.shape[0] > num_instance else None
+    if weights is None:  # every element of the rows counts once: plain MSE for l2
+        losses = elementwise_loss(model_pred, target, loss_type, huber_c)
     else:
         losses = per_sample_loss(model_pred, target, loss_type, huber_c)
-        if weights is not None:
-            losses = losses * weights.to(losses)
-        instance = losses[:num_instance].mean()
-        prior = losses[num_instance:].mean() if losses.shape[0] > num_instance else None
+        losses = losses * weights.to(losses)
+    instance = losses[:num_instance].mean()
+    prior = losses[num_instance:].mean() if losses.shape[0] > num_instance else None
     if prior is None:
         return Loss(instance, instance, None)
     return Loss(instance + prior_loss_weight * prior, instance, prior)
