@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from dreambooth_offset.errors import UsageError
+from dreambooth_offset.errors import TrainingFailed, UsageError
 
 # Modules that add subcommands, in the order `--help` lists them.
 SUBCOMMAND_MODULES = (
@@ -52,3 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"dreambooth-offset {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except TrainingFailed as err:
+        print(f"dreambooth-offset {args.command}: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside training
+        print(f"dreambooth-offset {args.command}: stopped", file=sys.stderr)
+        return 130

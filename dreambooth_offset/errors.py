@@ -1,9 +1,30 @@
-"""Errors a user can fix. The CLI prints them as one line and exits with code 2."""
+"""Errors a user can act on. The CLI prints each as one line, without a traceback: a UsageError
+(bad input, found before or while starting) exits with code 2, a TrainingFailed with its
+`exit_code` (1, or 128 + the signal number for an interrupted run)."""
 
 
 class UsageError(Exception):
     """Bad input: a flag, a config key, a file or a folder. The message names what is at fault."""
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingFailed(RuntimeError):
+    """A run that started and could not finish; the message says what to do next."""
+
+    exit_code = 1
+
+
+class TrainingDiverged(TrainingFailed):
     """The loss became NaN or inf; the message names the step and the last good checkpoint."""
+
+
+class OutputFailed(TrainingFailed):
+    """A file could not be written (a full disk, a vanished folder); the message names the path.
+    The files written before it are intact."""
+
+
+class TrainingInterrupted(TrainingFailed):
+    """Stopped by SIGINT or SIGTERM after a finished step, with a checkpoint to resume from."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum

@@ -7,6 +7,11 @@ from dreambooth_offset.config.fields import check_choices, option
 from dreambooth_offset.errors import UsageError
 
 
+# Keys that only modify the offset noise, with the value that leaves it unmodified.
+OFFSET_MODIFIERS = {"noise_offset_random_strength": False, "adaptive_noise_scale": None,
+                    "noise_offset_probability": 1.0, "noise_offset_variance_preserving": False}
+
+
 @dataclass(frozen=True)
 class NoiseConfig:
     """How the training noise is drawn (noise/noise.py). Formulas: docs/science.md; every option: docs/noise-options.md."""
@@ -92,12 +97,8 @@ class NoiseConfig:
                 "0.1, so pass --noise_offset 0 explicitly to use pyramid noise"
             )
         if not self.offset_used:
-            needs = {"noise_offset_random_strength": self.noise_offset_random_strength,
-                     "adaptive_noise_scale": self.adaptive_noise_scale is not None,
-                     "noise_offset_probability": self.noise_offset_probability != 1.0,
-                     "noise_offset_variance_preserving": self.noise_offset_variance_preserving}
-            for key, given in needs.items():
-                if given:
+            for key, off in OFFSET_MODIFIERS.items():
+                if getattr(self, key) != off:
                     raise UsageError(f"{key} modifies the offset noise, but noise_offset = 0: "
                                      "set noise_offset > 0 (or 'auto'), or drop it")
         if self.ip_noise_gamma_random_strength and not self.ip_noise_gamma:

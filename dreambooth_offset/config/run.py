@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from dreambooth_offset.config.fields import section
-from dreambooth_offset.config.noise import LossConfig, NoiseConfig, check_zero_terminal_snr
+from dreambooth_offset.config.noise import OFFSET_MODIFIERS, LossConfig, NoiseConfig, check_zero_terminal_snr
 from dreambooth_offset.config.sections import (
     AdapterConfig,
     DataConfig,
@@ -45,6 +45,35 @@ class RunConfig:
 
     def save_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+CONFIG_NAME = "training_config.json"  # the resolved config, beside the LoRA and in every checkpoint
+
+# Keys a resumed run may set differently from its checkpoint (docs/usage.md, "Checkpoints and
+# failures"): when to stop, checkpoint, validate and log, and where the files go. Every other key
+# shapes the training itself, and a resume that changes one is refused.
+RESUME_MAY_CHANGE = (
+    "max_train_steps", "resume_from_checkpoint", "checkpointing_steps", "checkpoints_total_limit", "output_dir",
+    "output_name", "report_to", "validation_prompt", "num_validation_images", "validation_steps",
+    "num_inference_steps", "guidance_scale", "guidance_rescale", "gradient_checkpointing", "sample_batch_size",
+)
+
+
+def resume_differences(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """The keys (outside RESUME_MAY_CHANGE) whose value in `cfg` differs from the `saved` config
+    of a checkpoint, each as "key: saved -> now". Values `cfg` resolves only once the model is
+    loaded (resolution None, noise_offset 'auto') are compared then: they are skipped here."""
+    now = cfg.to_dict()
+    later = {"resolution"} if now["resolution"] is None else set()
+    if now["noise_offset"] == "auto":  # a number once resolved; at 0, the modifiers are reset
+        later |= {"noise_offset", *OFFSET_MODIFIERS}
+    differences = []
+    for key in sorted(set(now) | set(saved)):
+        if key in RESUME_MAY_CHANGE or key in later:
+            continue
+        if saved.get(key) != now.get(key):
+            differences.append(f"{key}: {saved.get(key)!r} -> {now.get(key)!r}")
+    return differences
 
 
 # kohya's sd-scripts metadata names (`ss_<name>`) where they differ from our keys.

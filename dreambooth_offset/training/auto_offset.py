@@ -11,14 +11,12 @@ import torch
 from torch import Tensor
 
 from dreambooth_offset.config import RunConfig
+from dreambooth_offset.config.noise import OFFSET_MODIFIERS
 from dreambooth_offset.noise.auto import AutoOffset, auto_offset
 from dreambooth_offset.training.data import center_offsets, to_pixels
 from dreambooth_offset.training.models import latent_distribution, scale_latents
 
 RECORD_NAME = "noise_offset_auto.json"
-# Options that only modify the offset; they are no-ops when auto resolves to 0 and are reset then.
-_OFFSET_MODIFIERS = {"noise_offset_random_strength": False, "adaptive_noise_scale": None,
-                     "noise_offset_probability": 1.0, "noise_offset_variance_preserving": False}
 
 
 @torch.no_grad()
@@ -47,7 +45,7 @@ def resolve_auto_offset(cfg: RunConfig, vae, noise_scheduler, images: dict[str, 
     result = auto_offset(means, parts[0][1], math.sqrt(abar_T), math.sqrt(1.0 - abar_T))
     changes: dict[str, object] = {"noise_offset": result.offset}
     if result.offset == 0.0 and not cfg.noise.noise_offset_end:
-        changes.update(_OFFSET_MODIFIERS)  # nothing to modify: keep the config valid and truthful
+        changes.update(OFFSET_MODIFIERS)  # nothing to modify: keep the config valid and truthful
     return dataclasses.replace(cfg, noise=dataclasses.replace(cfg.noise, **changes)), result, means
 
 

@@ -5,6 +5,7 @@ a crash mid-save never leaves a folder that looks finished.
 """
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from typing import Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
+from dreambooth_offset.config.run import CONFIG_NAME, RESUME_MAY_CHANGE, RunConfig, resume_differences
 from dreambooth_offset.errors import UsageError
 from dreambooth_offset.training.lora import LORA_WEIGHT_NAME
 
@@ -42,6 +44,24 @@ def resolve_resume(output_dir: str | Path, value: str | None) -> Path | None:
     if not (path / _state_file(0)).is_file():
         raise UsageError(f"--resume_from_checkpoint {value}: not a checkpoint folder of this trainer")
     return path
+
+
+def check_resumable(checkpoint: Path, cfg: RunConfig) -> None:
+    """Refuse a resume whose configuration differs from the checkpoint's, naming each key (the
+    checkpoint's own copy of the config, or its output folder's for checkpoints without one)."""
+    saved_path = next((p for p in (checkpoint / CONFIG_NAME, checkpoint.parent / CONFIG_NAME) if p.is_file()), None)
+    if saved_path is None:
+        return
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UsageError(f"--resume_from_checkpoint {checkpoint}: cannot read {saved_path} ({err})") from None
+    differences = resume_differences(saved, cfg)
+    if differences:
+        raise UsageError(f"--resume_from_checkpoint {checkpoint}: the configuration differs from the checkpoint's "
+                         f"({'; '.join(differences)}). Resume with the checkpoint's settings (only "
+                         f"{', '.join(RESUME_MAY_CHANGE[:3])}, ... may change; docs/usage.md), or train into a new "
+                         "--output_dir")
 
 
 def prune(output_dir: str | Path, keep: int | None) -> None:
@@ -99,20 +119,26 @@ def register_lora_hooks(accelerator, unet, text_encoder=None) -> None:
 @contextmanager
 def staged(accelerator, output_dir: str | Path, step: int, keep: int | None) -> Iterator[Path]:
     """The folder `checkpoint-N.tmp` for every process to write step N's checkpoint into; renamed
-    to `checkpoint-N` once the block ends without an error. The oldest checkpoints go first, so
-    that `keep` remain with the new one."""
+    to `checkpoint-N` once the block ends without an error, and only then are the oldest
+    checkpoints deleted so that `keep` remain: a run killed mid-save still has its previous
+    checkpoint, and `latest` never picks the unfinished one. A failed save removes its `.tmp`."""
     final = Path(output_dir) / f"checkpoint-{step}"
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
-        prune(output_dir, None if keep is None else keep - 1)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+        prune(output_dir, keep)
     accelerator.wait_for_everyone()
 
 

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from dreambooth_offset.config import RunConfig, add_arguments, config_from_args
-from dreambooth_offset.errors import TrainingDiverged
 
 
 def register(subparsers) -> None:
@@ -22,9 +20,5 @@ def register(subparsers) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from dreambooth_offset.training.train import train
 
-    try:
-        train(config_from_args(args, RunConfig))
-    except TrainingDiverged as err:
-        print(f"dreambooth-offset train: {err}", file=sys.stderr)
-        return 1
+    train(config_from_args(args, RunConfig))
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -11,6 +12,7 @@ from typing import NamedTuple
 import torch
 
 from dreambooth_offset.config import RunConfig
+from dreambooth_offset.config.run import CONFIG_NAME
 from dreambooth_offset.errors import UsageError
 from dreambooth_offset.noise.auto import AutoOffset, describe
 from dreambooth_offset.training import checkpoint
@@ -21,7 +23,6 @@ from dreambooth_offset.training.lora import add_adapters, trainable_parameters
 from dreambooth_offset.training.models import SDParts, load_parts, native_resolution, training_scheduler
 from dreambooth_offset.training.optim import make_lr_scheduler, make_optimizer
 
-CONFIG_NAME = "training_config.json"
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -48,7 +49,10 @@ def check_inputs(cfg: RunConfig) -> Inputs:
         probe.unlink()
     except OSError as err:
         raise UsageError(f"--output_dir {out}: not writable ({err.strerror})") from None
-    return Inputs(instance, checkpoint.resolve_resume(out, cfg.train.resume_from_checkpoint))
+    resume = checkpoint.resolve_resume(out, cfg.train.resume_from_checkpoint)
+    if resume is not None:
+        checkpoint.check_resumable(resume, cfg)
+    return Inputs(instance, resume)
 
 
 def make_accelerator(cfg: RunConfig):
@@ -99,12 +103,18 @@ class Run:
         return [m for m in (self.unet, self.text_encoder) if m is not None]
 
 
-def prepare(cfg: RunConfig) -> Run:
+def prepare(cfg: RunConfig, resources: ExitStack | None = None) -> Run:
+    """The run ready to train. With `resources` (the caller's ExitStack, closed when the run ends)
+    the main process holds the output folder's lock (guards.output_lock) until then."""
     from accelerate.utils import set_seed
+
+    from dreambooth_offset.training.guards import output_lock
 
     started = time.time()
     inputs = check_inputs(cfg)
     accelerator = make_accelerator(cfg)
+    if resources is not None and accelerator.is_main_process:
+        resources.enter_context(output_lock(Path(cfg.train.output_dir)))
     set_seed(cfg.train.seed)  # peft's LoRA init and dropout use torch's global RNG
     generator = torch.Generator().manual_seed(cfg.train.seed + 1_000_003 * accelerator.process_index)
     parts = load_parts(cfg.model)

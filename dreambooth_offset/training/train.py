@@ -6,17 +6,22 @@ and validation. Everything before the first step is in prepare.py.
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from dreambooth_offset.config import RunConfig
+from dreambooth_offset.config.run import CONFIG_NAME
+from dreambooth_offset.errors import OutputFailed, TrainingInterrupted
 from dreambooth_offset.noise.objective import Loss
 from dreambooth_offset.training import checkpoint
 from dreambooth_offset.training.lora import LORA_WEIGHT_NAME
 from dreambooth_offset.training.outputs import write_lora_files
-from dreambooth_offset.training.prepare import CONFIG_NAME, Run, prepare
+from dreambooth_offset.training.guards import StopRequest, stop_on_signal
+from dreambooth_offset.training.prepare import Run, prepare
 from dreambooth_offset.training.step import optimizer_step
 
 
@@ -37,24 +42,28 @@ def train(cfg: RunConfig, progress_bar: dict | None = None) -> TrainResult:
     (a `desc` naming the run, a `position` when several runs share a terminal)."""
     from tqdm.auto import tqdm
 
-    run = prepare(cfg)
-    total_steps = run.config.train.max_train_steps
-    bar = tqdm(range(run.first_step, total_steps), initial=run.first_step, total=total_steps,
-               **{"desc": "train", **(progress_bar or {})}, disable=not run.accelerator.is_local_main_process)
-    first_done = None
-    for model in run.trained:
-        model.train()  # LoRA dropout on; frozen modules have no dropout/batch-norm of their own
-    for step in bar:
-        loss, total = optimizer_step(run, step)
-        first_done = first_done or time.perf_counter()
-        done = step + 1
-        log_step(run, bar, loss, total, done)
-        if every(run.config.train.checkpointing_steps, done) and done < total_steps:
-            save_checkpoint(run, done)
-        if run.config.validation.validation_prompt and (every(run.config.validation.validation_steps, done)
-                                                        or done == total_steps):
-            validate(run, done)
-    return finish(run, first_done, time.perf_counter())
+    with ExitStack() as resources:  # the output folder's lock and the signal handlers, for the whole run
+        stop = resources.enter_context(stop_on_signal())
+        run = prepare(cfg, resources)
+        total_steps = run.config.train.max_train_steps
+        bar = tqdm(range(run.first_step, total_steps), initial=run.first_step, total=total_steps,
+                   **{"desc": "train", **(progress_bar or {})}, disable=not run.accelerator.is_local_main_process)
+        first_done = None
+        for model in run.trained:
+            model.train()  # LoRA dropout on; frozen modules have no dropout/batch-norm of their own
+        for step in bar:
+            loss, total = optimizer_step(run, step)
+            first_done = first_done or time.perf_counter()
+            done = step + 1
+            log_step(run, bar, loss, total, done)
+            if stop_requested(run, stop) and done < total_steps:
+                raise interrupted(run, done, stop.signum)
+            if every(run.config.train.checkpointing_steps, done) and done < total_steps:
+                save_checkpoint(run, done)
+            if run.config.validation.validation_prompt and (every(run.config.validation.validation_steps, done)
+                                                            or done == total_steps):
+                validate(run, done)
+        return finish(run, first_done, time.perf_counter())
 
 
 def every(interval: int, done: int) -> bool:
@@ -71,13 +80,47 @@ def log_step(run: Run, bar, loss: Loss, total: float, done: int) -> None:
 
 
 def save_checkpoint(run: Run, step: int) -> Path:
-    """Everything needed to continue at `step`: accelerate's state, the LoRA files, the generator."""
-    with checkpoint.staged(run.accelerator, run.output_dir, step, run.config.train.checkpoints_total_limit) as folder:
+    """Everything needed to continue at `step`: accelerate's state, the LoRA files, the generator,
+    the resolved config (a resume with other settings is refused)."""
+    with writing(run.output_dir), \
+            checkpoint.staged(run.accelerator, run.output_dir, step, run.config.train.checkpoints_total_limit) as folder:
         run.accelerator.save_state(str(folder))
         if run.accelerator.is_main_process:
             write_lora_files(folder, run, step)
+            run.config.save_json(folder / CONFIG_NAME)
         checkpoint.save_trainer_state(folder, step, run.generator, run.accelerator.process_index)
     return folder.with_name(f"checkpoint-{step}")
+
+
+@contextmanager
+def writing(folder: Path) -> Iterator[None]:
+    """Turn a failed write (a full disk, a vanished folder) into OutputFailed naming the path."""
+    try:
+        yield
+    except OSError as err:
+        path = err.filename or folder
+        raise OutputFailed(f"cannot write {path} ({err.strerror or err}); the files written before it are intact. "
+                           "Free the space (or fix the folder) and resume with --resume_from_checkpoint latest") from None
+
+
+def stop_requested(run: Run, stop: StopRequest) -> bool:
+    """Whether a process got SIGINT/SIGTERM; under several processes all of them agree, so that
+    they stop after the same step and write one checkpoint together."""
+    if run.accelerator.num_processes == 1:
+        return stop.signum is not None
+    flag = torch.tensor([float(stop.signum is not None)], device=run.accelerator.device)
+    return bool(run.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def interrupted(run: Run, step: int, signum: int | None) -> TrainingInterrupted:
+    """Checkpoint after the finished `step` and say how to resume."""
+    import signal as signals
+
+    folder = save_checkpoint(run, step)
+    name = signals.Signals(signum).name if signum else "another process's signal"
+    return TrainingInterrupted(f"stopped by {name} after step {step} of {run.config.train.max_train_steps}; "
+                               f"checkpoint: {folder}. Resume with the same command and "
+                               "--resume_from_checkpoint latest", signum or signals.SIGTERM)
 
 
 def validate(run: Run, step: int) -> None:
@@ -96,7 +139,8 @@ def finish(run: Run, first_done: float | None, loop_end: float) -> TrainResult:
     accelerator.wait_for_everyone()
     lora_path = out / LORA_WEIGHT_NAME
     if accelerator.is_main_process:
-        lora_path = write_lora_files(out, run, cfg.train.max_train_steps)
+        with writing(out):
+            lora_path = write_lora_files(out, run, cfg.train.max_train_steps)
     accelerator.end_training()
     steps = cfg.train.max_train_steps - run.first_step
     rate = (steps - 1) / max(loop_end - (first_done or loop_end), 1e-9)
