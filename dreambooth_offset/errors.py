@@ -3,6 +3,11 @@
 `exit_code` (1, or 128 + the signal number for an interrupted run)."""
 
 
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
 class UsageError(Exception):
     """Bad input: a flag, a config key, a file or a folder. The message names what is at fault."""
 
@@ -28,3 +33,15 @@ class TrainingInterrupted(TrainingFailed):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+@contextmanager
+def writing(folder: str | Path) -> Iterator[None]:
+    """Turn a failed write (a full disk, a vanished folder) into OutputFailed naming the path."""
+    try:
+        yield
+    except OSError as err:
+        path = err.filename or folder
+        raise OutputFailed(f"cannot write {path} ({err.strerror or err}); the files written before it are intact. "
+                           "Free the space (or fix the folder) and run again (a training run: with "
+                           "--resume_from_checkpoint latest)") from None

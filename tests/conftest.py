@@ -17,3 +17,9 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def instance_dir(tmp_path_factory):
     return write_images(tmp_path_factory.mktemp("instance"), [(200, 80, 40), (40, 90, 220), (120, 120, 120)])
+
+
+@pytest.fixture(scope="session")
+def sd1_model(tmp_path_factory):
+    """A tiny model with SD 1.x's text width (768), which the WebUI export recognises."""
+    return build_pipeline_folder(tmp_path_factory.mktemp("sd1"), cross_attention_dim=768)

@@ -4,9 +4,10 @@ The noise and loss sections live in noise.py; run.py joins them all into `RunCon
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from dreambooth_offset.config.fields import check_choices, option
+from dreambooth_offset.config.fields import check_choices, check_positive, option
 from dreambooth_offset.errors import UsageError
 
 
@@ -51,8 +52,7 @@ class DataConfig:
             raise UsageError(f"resolution = {self.resolution}: it must be a positive multiple of 8")
         if self.caption_extension and not self.caption_extension.startswith("."):
             raise UsageError(f"caption_extension = {self.caption_extension!r}: it must start with a dot, e.g. '.txt'")
-        if self.train_batch_size < 1 or self.sample_batch_size < 1:
-            raise UsageError("train_batch_size and sample_batch_size must be at least 1")
+        check_positive(self, "train_batch_size", "sample_batch_size")
         if self.with_prior_preservation:
             if not self.class_prompt:
                 raise UsageError("with_prior_preservation needs class_prompt (e.g. 'a photo of a dog')")
@@ -112,8 +112,8 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        if self.learning_rate <= 0:
-            raise UsageError(f"learning_rate = {self.learning_rate}: it must be > 0")
+        if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
+            raise UsageError(f"learning_rate = {self.learning_rate}: it must be a finite number > 0")
         if self.lr_warmup_steps < 0 or self.max_grad_norm < 0:
             raise UsageError("lr_warmup_steps and max_grad_norm must be >= 0")
 
@@ -140,12 +140,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        if self.max_train_steps < 1 or self.gradient_accumulation_steps < 1:
-            raise UsageError("max_train_steps and gradient_accumulation_steps must be at least 1")
+        check_positive(self, "max_train_steps", "gradient_accumulation_steps")
         if self.checkpointing_steps < 0:
             raise UsageError("checkpointing_steps must be >= 0")
-        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
-            raise UsageError("checkpoints_total_limit must be at least 1")
+        check_positive(self, "checkpoints_total_limit")
 
 
 @dataclass(frozen=True)

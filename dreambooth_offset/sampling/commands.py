@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dreambooth_offset.config import add_arguments, config_from_args
 from dreambooth_offset.config.commands import GenerateConfig
-from dreambooth_offset.errors import UsageError
+from dreambooth_offset.errors import UsageError, writing
 from dreambooth_offset.sampling.generate import generate, load_pipeline
 from dreambooth_offset.sampling.images import make_grid, to_pil
 from dreambooth_offset.sampling.metrics import DARK_THRESHOLD, dark_fraction, mean_luminance
@@ -40,14 +40,16 @@ def run_generate(args: argparse.Namespace) -> int:
         samples = generate(pipe, prompt, seeds, cfg.sampling.num_inference_steps, cfg.sampling.guidance_scale,
                            cfg.data.resolution, cfg.data.resolution, guidance_rescale=rescale)
         pil = to_pil(samples.images)
-        for seed, img in zip(seeds, pil):
-            img.save(out / f"prompt{p_idx:02d}_seed{seed}.png")
-        make_grid(pil).save(out / f"prompt{p_idx:02d}_grid.png")
+        with writing(out):
+            for seed, img in zip(seeds, pil):
+                img.save(out / f"prompt{p_idx:02d}_seed{seed}.png")
+            make_grid(pil).save(out / f"prompt{p_idx:02d}_grid.png")
         lum, dark = mean_luminance(samples.images), dark_fraction(samples.images)
         stats[prompt] = {"seeds": seeds, "mean_luminance": lum.tolist(), "dark_fraction": dark.tolist()}
         print(f"{prompt!r}: mean luminance {lum.mean():.3f} +- {lum.std(unbiased=False):.3f}")
         for seed, l, d in zip(seeds, lum.tolist(), dark.tolist()):
             print(f"  seed {seed}: mean luminance {l:.3f}, pixels < {DARK_THRESHOLD}: {d:.1%}")
-    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    with writing(out):
+        (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     print(f"images, grids and stats.json in {out}")
     return 0

@@ -37,13 +37,34 @@ def resolve_resume(output_dir: str | Path, value: str | None) -> Path | None:
         return None
     if value == "latest":
         found = list_checkpoints(output_dir)
-        return found[-1] if found else None
-    path = Path(value)
-    if not path.is_dir() and (Path(output_dir) / value).is_dir():
-        path = Path(output_dir) / value
-    if not (path / _state_file(0)).is_file():
-        raise UsageError(f"--resume_from_checkpoint {value}: not a checkpoint folder of this trainer")
+        if not found:
+            return None
+        path = found[-1]
+    else:
+        path = Path(value)
+        if not path.is_dir() and (Path(output_dir) / value).is_dir():
+            path = Path(output_dir) / value
+        if not (path / _state_file(0)).is_file():
+            raise UsageError(f"--resume_from_checkpoint {value}: not a checkpoint folder of this trainer")
+    check_complete(path)
     return path
+
+
+def check_complete(path: Path) -> None:
+    """Refuse a checkpoint with a missing, empty or truncated file, naming it."""
+    from safetensors import SafetensorError
+
+    for name in (_state_file(0), LORA_WEIGHT_NAME, "optimizer.bin", "scheduler.bin", "random_states_0.pkl"):
+        file = path / name
+        if not file.is_file() or file.stat().st_size == 0:
+            raise UsageError(f"--resume_from_checkpoint {path}: {name} is missing or empty; resume from another "
+                             "checkpoint-N")
+        if name.endswith(".safetensors"):
+            try:
+                load_file(file)
+            except (SafetensorError, OSError) as err:
+                raise UsageError(f"--resume_from_checkpoint {path}: {name} is damaged or truncated ({err}); resume "
+                                 "from another checkpoint-N") from None
 
 
 def check_resumable(checkpoint: Path, cfg: RunConfig) -> None:
@@ -143,5 +164,14 @@ def staged(accelerator, output_dir: str | Path, step: int, keep: int | None) -> 
 
 
 def load_checkpoint(accelerator, directory: Path, generator: torch.Generator) -> int:
-    accelerator.load_state(str(directory))
+    """Restore the LoRA, optimizer, schedule and RNG states; the step the checkpoint was taken at.
+    accelerate reads its files with `torch.load(weights_only=True)`: no pickle runs code."""
+    import pickle
+
+    try:
+        accelerator.load_state(str(directory))
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"--resume_from_checkpoint {directory}: cannot load it ({first}); resume from another "
+                         "checkpoint-N") from None
     return load_trainer_state(directory, generator, accelerator.process_index)

@@ -7,6 +7,7 @@ batch.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,25 +24,45 @@ SIDECAR_SUFFIXES = {".txt", ".caption", ".json", ".jsonl", ".md", ".toml", ".npz
 
 
 def find_images(folder: str | Path, flag: str, allow_empty: bool = False, caption_extension: str = "") -> list[Path]:
-    """Every image file in `folder` (not recursive), sorted. Unreadable or truncated files raise,
-    naming the file; so does a file that is neither an image nor a sidecar (a known suffix, or
+    """Every image file in `folder` (not recursive), sorted. A file that cannot be used raises,
+    naming it: unreadable, empty, truncated, over Pillow's decompression-bomb limit, a symbolic
+    link that loops or leads nowhere, or neither an image nor a sidecar (a known suffix, or
     `caption_extension`)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UsageError(f"--{flag} {folder}: folder does not exist")
     paths = []
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+    for path in sorted(p for p in folder.iterdir() if not p.name.startswith(".")):
+        if path.is_symlink() and not path.exists():  # exists() follows the link: False for a loop or a dangling one
+            raise UsageError(f"{path}: a symbolic link that loops or leads nowhere; remove it or point it at an image")
+        if not path.is_file():
+            continue
         if path.suffix.lower() in SIDECAR_SUFFIXES or (caption_extension and path.name.endswith(caption_extension)):
             continue
-        try:
-            with Image.open(path) as img:
-                img.load()  # decodes fully: catches truncated files that verify() lets through
-        except Exception as err:  # PIL raises many types; any of them means "not a usable image"
-            raise UsageError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
+        check_image(path)
         paths.append(path)
     if not paths and not allow_empty:
         raise UsageError(f"--{flag} {folder}: no images found")
     return paths
+
+
+def check_image(path: Path) -> None:
+    """Decode `path` fully (truncated files pass a header check) or raise naming it."""
+    if path.stat().st_size == 0:
+        raise UsageError(f"{path}: an empty file (0 bytes), not an image; remove it or replace it")
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between 1x and 2x its pixel limit; such a file would still take
+            # gigabytes to decode, so it is refused like the larger ones Pillow refuses itself.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise UsageError(f"{path}: too many pixels to decode safely ({err}); resize it first") from None
+    except PermissionError as err:
+        raise UsageError(f"{path}: cannot read it ({err.strerror}); check its permissions") from None
+    except Exception as err:  # PIL raises many types; any of them means "not a usable image"
+        raise UsageError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
 
 
 def read_captions(paths: list[Path], extension: str, prompt: str) -> list[str]:

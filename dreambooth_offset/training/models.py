@@ -43,6 +43,13 @@ def resolve_model_path(cfg: ModelConfig) -> str:
         ) from None
 
 
+def model_name(name_or_path: str) -> str:
+    """What a shared file may say about its base: the hub id as given, or a local folder's (or
+    file's) own name, never the path that leads to it (`ss_sd_model_name`)."""
+    path = Path(name_or_path).expanduser()
+    return path.resolve().name if path.exists() else name_or_path
+
+
 def training_scheduler(scheduler_config, zero_terminal_snr: bool = False, prediction_type: str | None = None):
     """A DDPMScheduler from a scheduler config, with the betas rescaled to zero terminal SNR
     (Lin et al. 2023, diffusers' `rescale_betas_zero_snr`) and/or another `prediction_type`.
@@ -66,7 +73,8 @@ def load_parts(cfg: ModelConfig, zero_terminal_snr: bool = False, prediction_typ
     from transformers import CLIPTextModel, CLIPTokenizer
 
     root = resolve_model_path(cfg)
-    weights = {"local_files_only": True, "variant": cfg.variant}
+    # safetensors only: a folder that has only pickled weights (.bin) is refused, never unpickled
+    weights = {"local_files_only": True, "variant": cfg.variant, "use_safetensors": True}
     try:
         tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True)
         noise_scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)

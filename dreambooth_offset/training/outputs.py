@@ -7,6 +7,7 @@ from pathlib import Path
 from dreambooth_offset.config import training_settings
 from dreambooth_offset.noise.auto import metadata as auto_metadata
 from dreambooth_offset.training.lora import lora_state_dicts, save_lora
+from dreambooth_offset.training.models import model_name
 from dreambooth_offset.webui.keys import base_for
 from dreambooth_offset.webui.metadata import save_webui_lora, training_metadata
 
@@ -30,7 +31,7 @@ def write_lora_files(directory: Path, run, step: int) -> Path:
             seed=cfg.train.seed, resolution=cfg.data.resolution, mixed_precision=cfg.train.mixed_precision,
             noise={**training_settings(cfg), "prediction_type": scheduler.config.prediction_type,
                    **auto_metadata(run.auto)},
-            base_model_name=cfg.model.pretrained_model_name_or_path,
+            base_model_name=model_name(cfg.model.pretrained_model_name_or_path),
         )
         save_webui_lora(directory / f"{name}.safetensors", *lora_state_dicts(unet, text_encoder),
                         lora_alpha=cfg.adapter.alpha, rank=cfg.adapter.rank, metadata=metadata)

@@ -154,7 +154,26 @@ def load_data(cfg: RunConfig, parts: SDParts, accelerator, instance_images: list
         paths["class"] = ensure_class_images(parts, cfg, accelerator)
     images = {src: load_resized(p, cfg.data.resolution) for src, p in paths.items()}
     captions = {src: read_captions(p, cfg.data.caption_extension, prompts[src]) for src, p in paths.items()}
+    if accelerator.is_main_process:
+        for src, p in paths.items():
+            warn_long_captions(p, captions[src], cfg.data.caption_extension, f"--{src}_prompt", parts.tokenizer)
     return images, captions
+
+
+def warn_long_captions(paths: list[Path], captions: list[str], extension: str, prompt_flag: str, tokenizer) -> None:
+    """One warning per caption file (or per prompt flag) whose caption the text encoder cannot read
+    whole; training goes on with the first `model_max_length` tokens, as the WebUIs do."""
+    import sys
+
+    limit, warned = tokenizer.model_max_length, set()
+    for path, caption in zip(paths, captions):
+        sidecar = path.with_suffix(extension) if extension else None
+        source = str(sidecar) if sidecar is not None and sidecar.is_file() else prompt_flag
+        tokens = len(tokenizer(caption, truncation=False).input_ids)
+        if tokens > limit and source not in warned:
+            warned.add(source)
+            print(f"warning: the caption of {source} has {tokens} tokens; the text encoder reads {limit}, "
+                  "so training uses the first ones", file=sys.stderr)
 
 
 def make_trainable(cfg: RunConfig, parts: SDParts, accelerator):

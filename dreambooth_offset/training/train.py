@@ -6,16 +6,15 @@ and validation. Everything before the first step is in prepare.py.
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from dreambooth_offset.config import RunConfig
 from dreambooth_offset.config.run import CONFIG_NAME
-from dreambooth_offset.errors import OutputFailed, TrainingInterrupted
+from dreambooth_offset.errors import TrainingInterrupted, writing
 from dreambooth_offset.noise.objective import Loss
 from dreambooth_offset.training import checkpoint
 from dreambooth_offset.training.lora import LORA_WEIGHT_NAME
@@ -90,17 +89,6 @@ def save_checkpoint(run: Run, step: int) -> Path:
             run.config.save_json(folder / CONFIG_NAME)
         checkpoint.save_trainer_state(folder, step, run.generator, run.accelerator.process_index)
     return folder.with_name(f"checkpoint-{step}")
-
-
-@contextmanager
-def writing(folder: Path) -> Iterator[None]:
-    """Turn a failed write (a full disk, a vanished folder) into OutputFailed naming the path."""
-    try:
-        yield
-    except OSError as err:
-        path = err.filename or folder
-        raise OutputFailed(f"cannot write {path} ({err.strerror or err}); the files written before it are intact. "
-                           "Free the space (or fix the folder) and resume with --resume_from_checkpoint latest") from None
 
 
 def stop_requested(run: Run, stop: StopRequest) -> bool:

@@ -37,6 +37,17 @@ def _base(args_base: str | None, metadata: Mapping[str, str], modules: convert.M
     return convert.infer_base(modules)
 
 
+def _known_base(given: str | None, metadata: Mapping[str, str], modules: convert.Modules, source) -> str:
+    """The base the LoRA is for: the flag, the metadata, or its shapes. Without a loaded model only
+    the WebUIs' key maps are checked (and printed); `generate`, which loads the base, refuses a LoRA
+    whose modules do not fit it."""
+    base = _base(given, metadata, modules)
+    if base is None:
+        raise UsageError(f"{source}: cannot tell the base model from the LoRA's shapes; "
+                         f"pass --base ({', '.join(BASES)})")
+    return base
+
+
 def _counts(modules: convert.Modules) -> str:
     per = Counter(key.split(".", 1)[0] for key in modules)
     return ", ".join(f"{n} {c}" for c, n in per.items())
@@ -62,7 +73,7 @@ def _read_sidecar(path: Path) -> dict[str, str]:
 
 
 def run_export(cfg) -> int:
-    source, base_flag = cfg.file.source, cfg.file.base
+    source = cfg.file.source
     tensors, header = convert.read_lora_file(source)
     if convert.detect_format(tensors, source) != "diffusers":
         raise UsageError(f"{source}: already a WebUI (kohya) LoRA; see `dreambooth-offset inspect`")
@@ -72,10 +83,7 @@ def run_export(cfg) -> int:
               "Pass --lora_alpha if training used another value.", file=sys.stderr)
     modules = convert.modules_from_diffusers(tensors, adapter_meta, cfg.adapter.lora_alpha, source)
     kept = _read_sidecar(convert.resolve(source).parent / SIDECAR)
-    base = _base(base_flag, kept, modules)
-    if base is None:
-        raise UsageError(f"{source}: cannot tell the base model from the LoRA's shapes; "
-                         f"pass --base ({', '.join(BASES)})")
+    base = _known_base(cfg.file.base, kept, modules, source)
     rank, alpha = _summary(modules)
     out = Path(cfg.file.output)
     metadata = {**kept, **training_metadata(base=base, rank=rank, lora_alpha=alpha,
@@ -90,12 +98,11 @@ def run_export(cfg) -> int:
 
 def run_import(cfg) -> int:
     source, output = cfg.file.source, cfg.file.output
-    tensors, metadata = convert.read_lora_file(source)
-    if convert.detect_format(tensors, source) != "kohya":
+    fmt, modules, metadata = convert.read_modules(source)
+    if fmt != "kohya":
         raise UsageError(f"{source}: not a WebUI (kohya) LoRA; diffusers files load as they are")
-    modules = convert.modules_from_kohya(tensors, source)
-    target = convert.save_diffusers_lora(output, modules)
     base = _base(cfg.file.base, metadata, modules)
+    target = convert.save_diffusers_lora(output, modules)
     kept = {**metadata, **({"ss_base_model_version": base} if base else {})}
     (Path(output) / SIDECAR).write_text(json.dumps(kept, indent=2, sort_keys=True))
     rank, alpha = _summary(modules)
@@ -106,19 +113,14 @@ def run_import(cfg) -> int:
 
 def run_inspect(cfg) -> int:
     source = cfg.file.source
-    tensors, header = convert.read_lora_file(source)
-    fmt = convert.detect_format(tensors, source)
-    if fmt == "kohya":
-        modules, metadata = convert.modules_from_kohya(tensors, source), header
-    else:
-        modules = convert.modules_from_diffusers(tensors, convert.adapter_metadata(header), None, source)
-        metadata = {k: v for k, v in header.items() if k != "lora_adapter_metadata"}
+    fmt, modules, metadata = convert.read_modules(source)
     base = _base(cfg.file.base, metadata, modules)
     rank, alpha = _summary(modules)
     print(f"{source}\n  format: {fmt}\n  base: {base or 'unknown'} (A1111 files it under "
           f"{a1111_sd_version(metadata)})\n  modules: {len(modules)} ({_counts(modules)}), "
           f"rank {rank}, alpha {alpha:g} (scale {alpha / rank:g})")
     if fmt == "kohya":
+        tensors, _ = convert.read_lora_file(source)
         _print_key_maps(tensors, base)
         print(f"  diffusers load_lora_weights: {convert.diffusers_accepts(tensors)}")
         if "sshs_model_hash" in metadata:

@@ -121,11 +121,23 @@ def _scale(config: Mapping, module: str, rank: int, where: str) -> float:
 
 
 def _check_shapes(key: str, down: torch.Tensor, up: torch.Tensor, where: str) -> None:
-    ok = down.ndim == up.ndim and down.ndim in (2, 4) and up.shape[1] == down.shape[0]
+    """A LoRA pair: floating-point, (rank, in[, kh, kw]) and (out, rank[, 1, 1]), rank >= 1."""
+    if not (down.is_floating_point() and up.is_floating_point()):
+        raise UsageError(f"{where}{key}: the weights are {down.dtype} / {up.dtype}, not floating point")
+    ok = down.ndim == up.ndim and down.ndim in (2, 4) and up.shape[1] == down.shape[0] and down.numel() > 0 \
+        and up.numel() > 0
     if ok and down.ndim == 4:
         ok = tuple(up.shape[2:]) == (1, 1)
     if not ok:
         raise UsageError(f"{where}{key}: down {tuple(down.shape)} and up {tuple(up.shape)} do not form a LoRA pair")
+
+
+def _alpha(tensor: torch.Tensor, where: str) -> float:
+    """A WebUI file's alpha: one finite, positive number."""
+    value = float(tensor.reshape(-1)[0]) if tensor.numel() == 1 and tensor.dtype != torch.bool else math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise UsageError(f"{where}: alpha {tuple(tensor.shape)} {tensor.dtype} is not one finite positive number")
+    return value
 
 
 def modules_from_peft(state: Mapping[str, torch.Tensor], component: str, config: Mapping | None = None,
@@ -205,16 +217,19 @@ def modules_from_kohya(tensors: Mapping[str, torch.Tensor], source) -> Modules:
     for name, parts in grouped.items():
         if not {"lora_down.weight", "lora_up.weight"} <= set(parts):
             raise UsageError(f"{source}: {name}: lora_down/lora_up pair incomplete")
-        one = {f"{name}.{what}": t for what, t in parts.items()}
+        _check_shapes(name, parts["lora_down.weight"], parts["lora_up.weight"], f"{source}: ")
+        alpha = _alpha(parts["alpha"], f"{source}: {name}") if "alpha" in parts else None
+        one = {f"{name}.{what}": t for what, t in parts.items() if what != "alpha"}
         try:
-            converted, alphas = kohya_to_diffusers(one)
-        except (ValueError, KeyError) as err:
+            converted, _ = kohya_to_diffusers(one)
+        except (ValueError, KeyError, RuntimeError, IndexError, TypeError) as err:
             raise UsageError(f"{source}: {name}: diffusers cannot place it ({str(err).strip().splitlines()[0]})") from None
+        if not converted:
+            raise UsageError(f"{source}: {name}: diffusers cannot place it (no module of that name)")
         component = next(iter(converted)).split(".", 1)[0]
         peft_part = {k.split(".", 1)[1]: v for k, v in converted.items()}
         (key, module), = modules_from_peft(peft_part, component, None, str(source)).items()
-        alpha = float(next(iter(alphas.values()))) if alphas else float(module.rank)  # kohya: no alpha = rank
-        modules[key] = module._replace(alpha=alpha)
+        modules[key] = module._replace(alpha=float(module.rank) if alpha is None else alpha)  # kohya: no alpha = rank
     return modules
 
 
@@ -272,3 +287,40 @@ def diffusers_accepts(tensors: Mapping[str, torch.Tensor]) -> str:
     except (ValueError, KeyError) as err:
         return f"fails ({str(err).strip().splitlines()[0][:120]})"
     return f"{len(tensors)}/{len(tensors)} keys"
+
+
+def read_modules(source: str | Path) -> tuple[str, Modules, dict[str, str]]:
+    """(format, modules, metadata) of a LoRA file in either format: every reader of a user's file
+    goes through here, so each refusal (pickle, truncated, no LoRA keys, odd parts) is one line."""
+    tensors, header = read_lora_file(source)
+    fmt = detect_format(tensors, source)
+    if fmt == "kohya":
+        return fmt, modules_from_kohya(tensors, source), header
+    metadata = {k: v for k, v in header.items() if k != "lora_adapter_metadata"}
+    return fmt, modules_from_diffusers(tensors, adapter_metadata(header), None, source), metadata
+
+
+def module_shapes(**models) -> dict[str, tuple[int, ...]]:
+    """Weight shapes of the Linear/Conv2d modules of loaded models, named as in Modules
+    (`unet=...`, `text_encoder=...`; the text encoder's under `text_model.`); LoRA layers skipped."""
+    shapes = {}
+    for component, model in models.items():
+        for name, m in model.named_modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and "lora_" not in name:
+                path = name.replace(".base_layer", "")
+                path = canonical_text_encoder_path(path) if component == "text_encoder" else path
+                shapes[f"{component}.{path}"] = tuple(m.weight.shape)
+    return shapes
+
+
+def check_fits(modules: Modules, shapes: Mapping[str, tuple[int, ...]], source, base: str) -> None:
+    """Refuse a LoRA with a module the base does not have, or whose up @ down does not have the
+    base weight's (out, in) shape, naming the first such module."""
+    for key, m in sorted(modules.items()):
+        shape = shapes.get(key)
+        if shape is None:
+            raise UsageError(f"{source}: {key} is not a module of the {base} base; the LoRA was made for another "
+                             "model")
+        if (m.up.shape[0], m.down.shape[1]) != shape[:2] or (shape[2:] not in ((), (1, 1)) and m.down.ndim == 2):
+            raise UsageError(f"{source}: {key} is ({m.up.shape[0]}, {m.down.shape[1]}) in the LoRA but "
+                             f"{tuple(shape)} in the {base} base; the LoRA was made for another model")

@@ -67,13 +67,6 @@ def test_each_option_trains_through_the_cli(name, tiny_model, instance_dir, tmp_
         assert list((out / "samples").glob("*.png"))
 
 
-@pytest.fixture(scope="module")
-def sd1_model(tmp_path_factory):
-    from tests.tiny import build_pipeline_folder
-
-    return build_pipeline_folder(tmp_path_factory.mktemp("sd1"), cross_attention_dim=768)
-
-
 def _metadata(path):
     with safe_open(path, "pt") as f:
         return f.metadata()

@@ -211,3 +211,23 @@ def test_missing_bitsandbytes_stops_and_names_adamw(tiny_model, instance_dir, tm
     err = capsys.readouterr().err
     assert code == 2 and "--optimizer adamw" in err and "bitsandbytes" in err
     assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_shared_files_carry_no_local_path(sd1_model, instance_dir, tmp_path):
+    """ss_sd_model_name holds the model folder's own name; no metadata value of either LoRA file
+    (nor the WebUI file of a checkpoint) names a folder of this machine."""
+    from safetensors import safe_open
+
+    out = tmp_path / "private"
+    assert main(flags(sd1_model, instance_dir, out, max_train_steps=2, checkpointing_steps=1,
+                      optimizer="adamw")) == 0
+    files = [out / "pytorch_lora_weights.safetensors", out / "private.safetensors",
+             out / "checkpoint-1" / "private.safetensors"]
+    for path in files:
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+        assert metadata, path
+        for key, value in metadata.items():
+            assert str(tmp_path) not in value and not value.startswith("/"), f"{path.name}: {key} = {value!r}"
+    with safe_open(files[1], "pt") as f:
+        assert f.metadata()["ss_sd_model_name"] == sd1_model.name
