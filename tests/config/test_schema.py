@@ -61,3 +61,14 @@ def test_config_is_frozen():
     cfg = load_config()
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.noise.noise_offset = 0.2  # type: ignore[misc]
+
+
+def test_the_keys_a_resume_may_change_are_keys_and_documented():
+    from pathlib import Path
+
+    from dreambooth_offset.config import schema_keys
+    from dreambooth_offset.config.run import RESUME_MAY_CHANGE
+
+    usage = (Path(__file__).resolve().parents[2] / "docs" / "usage.md").read_text()
+    for key in RESUME_MAY_CHANGE:
+        assert key in schema_keys() and f"`{key}`" in usage, key
