@@ -96,20 +96,38 @@ class InspectConfig:
 
 
 @dataclass(frozen=True)
-class ExperimentOptions:
-    output_dir: str = option("black-image-report", "Report folder.")
+class StudyOptions:
+    """What every experiment takes: the runs to compare, the seeds, the samples."""
+
     noise_offset: tuple[float, ...] = option((0.0, 0.1), "One run per offset value.")
-    variants: tuple[str, ...] = option(
-        (), "Noise settings to compare instead of --noise_offset values: no_offset, offset, offset_vp, "
-        "offset_auto, random_strength, ... (see --list_variants).")
-    list_variants: bool = option(False, "Print the known variants and exit.")
-    seeds: tuple[int, ...] = option((0,), "Training seeds (the multi-seed check in the docs is --seeds 0 1 2 3).")
+    seeds: tuple[int, ...] = option((0,), "Training seeds (the multi-seed checks in the docs use --seeds 0 1 2 3).")
     num_images: int = option(8, "Samples per run and prompt, from sampling seeds 0 .. N-1.")
     sampler: str = option("ddim", "Sampler for every run.", SAMPLERS)
     jobs: int | None = option(
         None, "Fine-tunes run at once, each in its own process (default: one per CPU core without a GPU, 1 with one).")
     prompts: tuple[str, ...] = option(
-        (), "The base's dark / mid / bright prompts (default: the shipped base's, or Guttenberg's four).")
+        (), "The prompts sampled besides the experiment's own (default: the shipped base's, or Guttenberg's four).")
+    set: tuple[str, ...] = option(
+        (), "Any other trainer key for every run, as in a TOML file: lr_scheduler=\"cosine\" lr_warmup_steps=10 "
+        "(strings may go unquoted).")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if self.jobs is not None and self.jobs < 1:
+            raise UsageError(f"--jobs {self.jobs}: must be 1 or more")
+        if self.num_images < 2:
+            raise UsageError("--num_images must be at least 2 (the slope diagnostic fits a line)")
+
+
+@dataclass(frozen=True)
+class ExperimentOptions:
+    """`experiment black-image`'s own options."""
+
+    output_dir: str = option("black-image-report", "Report folder.")
+    variants: tuple[str, ...] = option(
+        (), "Noise settings to compare instead of --noise_offset values: no_offset, offset, offset_vp, "
+        "offset_auto, random_strength, ... (see --list_variants).")
+    list_variants: bool = option(False, "Print the known variants and exit.")
     black_prompt: str = option(BLACK_PROMPT, "The prompt of the black training image.")
     mechanism_check: bool = option(True, "Skip sampling the baseline from its training-time leak.",
                                    flag="no_mechanism_check")
@@ -123,20 +141,28 @@ class ExperimentOptions:
         None, "Shipped base only: prior preservation with N images of its own training data and their captions, "
         "written to OUTPUT_DIR/data/prior (default 256 on the shipped base; 0: the black image alone, "
         "Guttenberg's setup).")
-    set: tuple[str, ...] = option(
-        (), "Any other trainer key for every run, as in a TOML file: lr_scheduler=\"cosine\" lr_warmup_steps=10 "
-        "(strings may go unquoted).")
 
     def __post_init__(self) -> None:
-        check_choices(self)
-        if self.jobs is not None and self.jobs < 1:
-            raise UsageError(f"--jobs {self.jobs}: must be 1 or more")
-        if self.num_images < 2:
-            raise UsageError("--num_images must be at least 2 (the slope diagnostic fits a line)")
         if self.prior_size is not None and self.prior_size < 0:
             raise UsageError(f"--prior_size {self.prior_size}: must be 0 (off) or more")
         if sum(map(bool, (self.prior_prompts, self.prior_dir, self.prior_size))) > 1:
             raise UsageError("give one of --prior_prompts, --prior_dir and --prior_size")
+
+
+@dataclass(frozen=True)
+class RangeOptions:
+    """`experiment brightness-range`'s own options."""
+
+    output_dir: str = option("brightness-range-report", "Report folder.")
+    train_data_dir: str | None = option(
+        None, "Images with .txt captions to fine-tune on (required for a base other than the shipped one, whose "
+        "default is N images of its own training data spread over the brightness levels).")
+    num_train_images: int = option(40, "Shipped base: training images drawn from its data, as many per brightness "
+                                       "level (Guttenberg's fine-tune used about 40).")
+
+    def __post_init__(self) -> None:
+        if self.num_train_images < 5:
+            raise UsageError(f"--num_train_images {self.num_train_images}: at least 5, one per brightness level")
 
 
 @dataclass(frozen=True)
@@ -145,10 +171,21 @@ class BlackImageConfig:
 
     model: ModelConfig = section(ModelConfig, ("pretrained_model_name_or_path",))
     experiment: ExperimentOptions = section(ExperimentOptions)
+    study: StudyOptions = section(StudyOptions)
     sampling: SamplingConfig = section(SamplingConfig, ("num_inference_steps", "guidance_scale"))
 
 
-# Trainer keys `experiment black-image` takes as flags of its own (any other: --set KEY=VALUE).
+@dataclass(frozen=True)
+class BrightnessRangeConfig:
+    """`experiment brightness-range`; the trainer keys it passes to every run are RunConfig's."""
+
+    model: ModelConfig = section(ModelConfig, ("pretrained_model_name_or_path",))
+    experiment: RangeOptions = section(RangeOptions)
+    study: StudyOptions = section(StudyOptions)
+    sampling: SamplingConfig = section(SamplingConfig, ("num_inference_steps", "guidance_scale"))
+
+
+# Trainer keys the experiments take as flags of their own (any other: --set KEY=VALUE).
 EXPERIMENT_TRAINER_KEYS = ("resolution", "max_train_steps", "train_batch_size", "rank", "lora_alpha",
                            "learning_rate", "unet_target_modules", "optimizer", "mixed_precision",
                            "gradient_checkpointing")

@@ -40,6 +40,14 @@ class DataConfig:
     class_prompt: str = option("", "Prompt for the class images, e.g. 'a photo of a dog'.")
     num_class_images: int = option(100, "Class images wanted; the base model generates any missing.")
     prior_loss_weight: float = option(1.0, "Weight of the prior-preservation loss.")
+    prior_preservation: str = option(
+        "image",
+        "What the class rows regress on: 'image', DreamBooth's target from the class image (its noise, or v); "
+        "'prediction', the base model's own prediction at the same noisy input with the LoRA switched off "
+        "(OneTrainer's prior-prediction concepts, ai-toolkit's differential output preservation), so that "
+        "the prior is exact for every class caption, empty ones too (docs/science.md, 'Dark and bright scenes').",
+        ("image", "prediction"),
+    )
     sample_batch_size: int = option(4, "Batch size when generating class images.")
     caption_extension: str = option(
         "", "Sidecar caption files, kohya style (e.g. '.txt'): an image with 'name.txt' beside it trains "
@@ -53,6 +61,9 @@ class DataConfig:
         if self.caption_extension and not self.caption_extension.startswith("."):
             raise UsageError(f"caption_extension = {self.caption_extension!r}: it must start with a dot, e.g. '.txt'")
         check_positive(self, "train_batch_size", "sample_batch_size")
+        if self.prior_preservation != "image" and not self.with_prior_preservation:
+            raise UsageError(f"prior_preservation = {self.prior_preservation!r} needs with_prior_preservation "
+                             "(and class images)")
         if self.with_prior_preservation:
             if not self.class_prompt:
                 raise UsageError("with_prior_preservation needs class_prompt (e.g. 'a photo of a dog')")

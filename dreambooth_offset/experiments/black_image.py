@@ -7,35 +7,26 @@ Every run goes through the real trainer (`dreambooth_offset.training.train.train
 """
 from __future__ import annotations
 
-import functools
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from dreambooth_offset.config import SamplingConfig, load_config
-from dreambooth_offset.config.commands import BLACK_PROMPT, SAMPLERS
+from dreambooth_offset.config.commands import BLACK_PROMPT
 from dreambooth_offset.experiments import report
-from dreambooth_offset.experiments.runner import default_jobs, run_all
-from dreambooth_offset.sampling.generate import build_pipeline, generate, start_latents
-# Guttenberg's prompts (docs/science.md, "The brightness problem"), the defaults for a real SD checkpoint.
-GUTTENBERG_PROMPTS = (
-    "A dark alleyway in a rainstorm",
-    "Monochrome line-art logo on a white background",
-    "A snow-covered ski slope on a sunny day",
-    "A town square lit only by torchlight",
+from dreambooth_offset.experiments.runs import (  # noqa: F401  (Variant: the experiments' import path)
+    RunInputs,
+    Study,
+    Variant,
+    elapsed,
+    run_study,
+    sample_prompts,
+    settings,
 )
-
-
-@dataclass(frozen=True)
-class Variant:
-    """A named set of training-config overrides; the runs of an experiment differ only in these."""
-
-    name: str
-    overrides: dict = field(default_factory=dict)
+from dreambooth_offset.sampling.generate import generate
 
 
 @dataclass(frozen=True)
@@ -75,10 +66,6 @@ VARIANTS = {
     "input_perturbation": {"noise_offset": 0.0, "ip_noise_gamma": 0.1},
     "min_snr": {"noise_offset": 0.1, "snr_gamma": 5.0},
 }
-
-SAMPLER_CLASSES = dict(zip(SAMPLERS, ("DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
-                                       "DDPMScheduler"), strict=True))
-
 
 def make_black_image(folder: Path, resolution: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
@@ -121,27 +108,8 @@ def prior_keys(folder: Path) -> dict:
             "num_class_images": count, "class_prompt": "an image"}
 
 
-def _pipeline(parts, unet, text_encoder, sampler: str):
-    import diffusers
-
-    pipe = build_pipeline(parts.tokenizer, text_encoder, parts.vae, unet, parts.noise_scheduler.config)
-    pipe.scheduler = getattr(diffusers, SAMPLER_CLASSES[sampler]).from_config(pipe.scheduler.config)
-    pipe.unet.eval()
-    return pipe
-
-
-def sample_prompts(pipe, cfg: ExperimentConfig, resolution: int, starts: torch.Tensor,
-                   guidance_rescale: float = 0.0, prompts: tuple[str, ...] | None = None) -> dict[str, object]:
-    """Samples per prompt (black prompt first) from the given start latents."""
-    return {
-        prompt: generate(pipe, prompt, [], cfg.num_inference_steps, cfg.guidance_scale, resolution, resolution,
-                         latents=starts, guidance_rescale=guidance_rescale)
-        for prompt in (prompts or (cfg.black_prompt, *cfg.prompts))
-    }
-
-
 @torch.no_grad()
-def leak_starts(pipe, instance_dir: Path, cfg: ExperimentConfig, starts: torch.Tensor) -> torch.Tensor:
+def leak_starts(pipe, instance_dir: Path, num_inference_steps: int, starts: torch.Tensor) -> torch.Tensor:
     """x_t0 = a_t0 * x0_black + s_t0 * eps at the sampler's first timestep t0: the start a model
     trained without offset noise saw in training (docs/science.md, "Measuring brightness": the mechanism check)."""
     from dreambooth_offset.training.data import find_images, load_resized
@@ -150,53 +118,26 @@ def leak_starts(pipe, instance_dir: Path, cfg: ExperimentConfig, starts: torch.T
     img = load_resized(find_images(instance_dir, "instance_data_dir"), starts.shape[-1] * pipe.vae_scale_factor)[0]
     mean, _ = latent_distribution(pipe.vae, (img.float() / 127.5 - 1.0)[None])
     x0 = scale_latents(mean.cpu(), pipe.vae.config)
-    pipe.scheduler.set_timesteps(cfg.num_inference_steps)
+    pipe.scheduler.set_timesteps(num_inference_steps)
     t0 = pipe.scheduler.timesteps[:1]
     abar = pipe.scheduler.alphas_cumprod[t0].float()
     return abar.sqrt() * x0 + (1 - abar).sqrt() * starts
 
 
-@dataclass(frozen=True)
-class RunInputs:
-    """What every fine-tune of an experiment shares, passed to each run (also to worker processes)."""
+def mechanism_check(shared: RunInputs, seed: int, variant: Variant, pipe, row: dict) -> list[tuple[dict, dict]]:
+    """The plain baseline of the first seed, sampled again from the leak it saw in training.
 
-    cfg: ExperimentConfig
-    instance_dir: Path
-    prior: dict  # trainer keys of the prior set (class_data_dir ...), or empty
-    resolution: int
-    starts: torch.Tensor  # the sampling start latents, the same for every run
-
-
-def run_one(shared: RunInputs, seed: int, variant: Variant, position: int | None = None) -> list[tuple[dict, dict]]:
-    """Fine-tune one (variant, seed) through the real trainer and sample it: a (row, samples per
-    prompt) pair, and a second one for the mechanism check on the plain baseline of the first seed."""
-    from dreambooth_offset.training.train import train
-
-    cfg, name = shared.cfg, variant.name
-    values = {"pretrained_model_name_or_path": cfg.model, "instance_data_dir": str(shared.instance_dir),
-              "instance_prompt": cfg.black_prompt, "resolution": shared.resolution, "center_crop": True,
-              "output_dir": str(Path(cfg.output_dir) / "runs" / f"{name}-seed{seed}"), "report_to": "none",
-              "seed": seed, **shared.prior, **cfg.train, **variant.overrides}
-    bar = {"desc": f"{name} seed {seed}"} | ({"position": position, "leave": False} if position is not None else {})
-    result = train(load_config(None, values), progress_bar=bar)
-    pipe = _pipeline(result.parts, result.unet, result.text_encoder, cfg.sampler)
-    rescale = SamplingConfig().rescale(result.config.noise.zero_terminal_snr)
-    offset = result.config.noise.noise_offset  # a number, also for "auto"
-    out = [({"name": name, "noise_offset": offset, "seed": seed, "train_seconds": round(result.seconds, 1)},
-            sample_prompts(pipe, cfg, shared.resolution, shared.starts, rescale))]
-    # The leak start is x_t in the VP parametrisation, which the pipeline takes as-is only when
-    # init_noise_sigma is 1 (DDIM, DDPM, DPM-Solver; not Euler's sigma space).
-    plain = variant.overrides == {"noise_offset": 0.0}  # plain DreamBooth, the baseline
-    if cfg.mechanism_check and plain and seed == cfg.seeds[0] and pipe.scheduler.init_noise_sigma == 1:
-        leak = leak_starts(pipe, shared.instance_dir, cfg, shared.starts)
-        out.append(({"name": f"{name}, start from the leak", "noise_offset": offset, "seed": seed, "train_seconds": 0.0},
-                    sample_prompts(pipe, cfg, shared.resolution, leak, prompts=(cfg.black_prompt,))))
-    return out
+    The leak start is x_t in the VP parametrisation, which the pipeline takes as-is only when
+    init_noise_sigma is 1 (DDIM, DDPM, DPM-Solver; not Euler's sigma space)."""
+    study = shared.study
+    if variant.overrides != {"noise_offset": 0.0} or seed != study.seeds[0] or pipe.scheduler.init_noise_sigma != 1:
+        return []
+    leak = leak_starts(pipe, Path(study.train["instance_data_dir"]), study.num_inference_steps, shared.starts)
+    return [({**row, "name": f"{row['name']}, start from the leak", "train_seconds": 0.0},
+             sample_prompts(pipe, study, leak, prompts=study.prompts[:1]))]
 
 
 def run_experiment(cfg: ExperimentConfig) -> dict:
-    from tqdm.auto import tqdm
-
     from dreambooth_offset.config import ModelConfig
     from dreambooth_offset.training.models import load_parts, native_resolution
 
@@ -206,42 +147,25 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     base = load_parts(ModelConfig(cfg.model))
     resolution = int(cfg.train.get("resolution") or native_resolution(base.unet.config, base.vae.config))
     instance_dir = make_black_image(out / "data" / "instance", resolution)
-    base_pipe = _pipeline(base, base.unet, base.text_encoder, cfg.sampler)
-    starts = start_latents(base_pipe, list(range(cfg.num_images)), resolution, resolution)
     if cfg.prior_prompts:
-        prior = make_prior_set(base_pipe, out / "data" / "prior", cfg, resolution)
+        from dreambooth_offset.experiments.runs import pipeline
+
+        prior = make_prior_set(pipeline(base, base.unet, base.text_encoder, cfg.sampler), out / "data" / "prior", cfg,
+                               resolution)
     else:
         prior = prior_keys(Path(cfg.prior_dir)) if cfg.prior_dir else {}
-
-    runs = len(cfg.variants) * len(cfg.seeds)
-    jobs = min(cfg.jobs or default_jobs(), runs)
-    progress = tqdm(total=1 + runs, desc="black-image runs", unit="run")
-    pairs = [({"name": "base", "noise_offset": None, "seed": None, "train_seconds": 0.0},
-              sample_prompts(base_pipe, cfg, resolution, starts))]
-    progress.update()
-    todo = [(seed, variant) for seed in cfg.seeds for variant in cfg.variants]
-    pairs += run_all(functools.partial(run_one, RunInputs(cfg, instance_dir, prior, resolution, starts)), todo, jobs,
-                     progress)
-    progress.close()
-
-    for row, run_samples in pairs:
-        row["prompts"] = {p: report.stats_dict(report.prompt_stats(s.images, s.start_latents, s.final_latents))
-                          for p, s in run_samples.items()}
-    rows = [row for row, _ in pairs]
-    samples = {row["name"] if row["seed"] is None else f"{row['name']}-seed{row['seed']}": run_samples
-               for row, run_samples in pairs}  # the grids' row labels
+    study = Study(model=cfg.model, output_dir=out, title="black-image", variants=cfg.variants, seeds=cfg.seeds,
+                  train={"instance_data_dir": str(instance_dir), "instance_prompt": cfg.black_prompt, **prior,
+                         **cfg.train},
+                  prompts=(cfg.black_prompt, *cfg.prompts), resolution=resolution, num_images=cfg.num_images,
+                  num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, sampler=cfg.sampler,
+                  jobs=cfg.jobs, extra=mechanism_check if cfg.mechanism_check else None)
+    rows, samples, jobs, a_t = run_study(study, base)
     results = {
-        "black_prompt": cfg.black_prompt,
-        "wall_time_s": round(time.time() - started, 1),
-        "model": cfg.model,
-        "resolution": resolution,
-        "settings": {"train": cfg.train, "seeds": list(cfg.seeds), "num_images": cfg.num_images,
-                     "num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale,
-                     "sampler": cfg.sampler, "variants": {v.name: v.overrides for v in cfg.variants},
-                     "prior_prompts": list(cfg.prior_prompts), "prior_dir": cfg.prior_dir,
-                     "jobs": jobs},
-        "a_T": float(base.noise_scheduler.alphas_cumprod[-1].sqrt()),
-        "runs": rows,
+        "black_prompt": cfg.black_prompt, "wall_time_s": elapsed(started), "model": cfg.model, "resolution": resolution,
+        "settings": {**settings(study, jobs), "train": cfg.train, "prior_prompts": list(cfg.prior_prompts),
+                     "prior_dir": cfg.prior_dir},
+        "a_T": a_t, "runs": rows,
     }
     write_report(out, cfg, results, samples)
     return results

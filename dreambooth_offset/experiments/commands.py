@@ -1,5 +1,5 @@
-"""`dreambooth-offset experiment NAME`. The flags are the BlackImageConfig schema
-(config/commands.py) plus the trainer keys of EXPERIMENT_TRAINER_KEYS, declared in the trainer's
+"""`dreambooth-offset experiment NAME`. Each experiment's flags are its schema in
+config/commands.py plus the trainer keys of EXPERIMENT_TRAINER_KEYS, declared in the trainer's
 schema; values, lowest first: defaults < the shipped base's settings (shipped.py) < flags."""
 from __future__ import annotations
 
@@ -8,26 +8,30 @@ import dataclasses
 from pathlib import Path
 
 from dreambooth_offset.config import RunConfig, add_arguments, given_values, load_config
-from dreambooth_offset.config.commands import EXPERIMENT_TRAINER_KEYS, BlackImageConfig
+from dreambooth_offset.config.commands import EXPERIMENT_TRAINER_KEYS, BlackImageConfig, BrightnessRangeConfig
 from dreambooth_offset.errors import UsageError
 from dreambooth_offset.experiments.shipped import SHIPPED_BASE, SHIPPED_PRIOR_SIZE, SHIPPED_SAMPLING, SHIPPED_TRAIN
 
+EXPERIMENTS = (
+    ("black-image", BlackImageConfig, "Fine-tune on one solid black image without and with offset noise; compare "
+                                      "samples."),
+    ("brightness-range", BrightnessRangeConfig, "Fine-tune on a small captioned set spread over the brightness levels "
+                                                "without and with offset noise; compare dark and bright prompts."),
+)
+
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("experiment", help="Reproducible experiments (the black-image study).")
+    p = subparsers.add_parser("experiment", help="Reproducible experiments (black image, brightness range).")
     sub = p.add_subparsers(dest="experiment", required=True, metavar="NAME")
-    b = sub.add_parser(
-        "black-image",
-        allow_abbrev=False,
-        help="Fine-tune on one solid black image without and with offset noise; compare samples.",
-        description="Defaults run on the base model the package ships, on CPU, in minutes. On the shipped base, "
-                    "sampling and trainer settings default to its own: "
-                    + ", ".join(f"{k}={v}" for k, v in {**SHIPPED_SAMPLING, **SHIPPED_TRAIN}.items()) + ".",
-    )
-    add_arguments(b, BlackImageConfig, config_file=False)
-    add_arguments(b, RunConfig, keys=EXPERIMENT_TRAINER_KEYS, config_file=False,
-                  description="Trainer settings for every run (on the shipped base, the defaults are its own).")
-    b.set_defaults(func=run_black_image)
+    shipped = ", ".join(f"{k}={v}" for k, v in {**SHIPPED_SAMPLING, **SHIPPED_TRAIN}.items())
+    for name, schema, summary in EXPERIMENTS:
+        e = sub.add_parser(name, allow_abbrev=False, help=summary,
+                           description=f"{summary} Defaults run on the base model the package ships, on CPU, in "
+                                       f"minutes; there, sampling and trainer settings default to its own: {shipped}.")
+        add_arguments(e, schema, config_file=False)
+        add_arguments(e, RunConfig, keys=EXPERIMENT_TRAINER_KEYS, config_file=False,
+                      description="Trainer settings for every run (on the shipped base, the defaults are its own).")
+        e.set_defaults(func={"black-image": run_black_image, "brightness-range": run_brightness_range}[name])
 
 
 def parse_settings(items: tuple[str, ...]) -> dict:
@@ -46,32 +50,45 @@ def parse_settings(items: tuple[str, ...]) -> dict:
     return out
 
 
+def load(args: argparse.Namespace, schema: type):
+    """(the experiment's config, the base's path, whether it is the shipped base, the trainer keys
+    of every run): defaults < the shipped base's settings < flags."""
+    given = given_values(args, schema)
+    model = given.get("pretrained_model_name_or_path") or str(SHIPPED_BASE)
+    shipped = Path(model).resolve() == SHIPPED_BASE
+    cfg = load_config(None, {**(SHIPPED_SAMPLING if shipped else {}), **given}, schema)
+    if shipped and not (SHIPPED_BASE / "model_index.json").is_file():
+        raise UsageError(f"the shipped base is missing from {SHIPPED_BASE}; run `dreambooth-offset pretrain-base`")
+    train = {**(SHIPPED_TRAIN if shipped else {}), **given_values(args, RunConfig, EXPERIMENT_TRAINER_KEYS),
+             **parse_settings(cfg.study.set)}
+    return cfg, model, shipped, train
+
+
+def check_train(train: dict, with_prior: bool) -> None:
+    """Unknown keys and bad values stop here, before minutes of work (prior-set keys come later)."""
+    prior = {"with_prior_preservation": True, "class_data_dir": ".", "class_prompt": "an image"}
+    load_config(None, {**train, **(prior if with_prior else {})})
+
+
 def run_black_image(args: argparse.Namespace) -> int:
     from dreambooth_offset.experiments import black_image as bi
     from dreambooth_offset.experiments.report import summary_table
 
-    given = given_values(args, BlackImageConfig)
-    model = given.get("pretrained_model_name_or_path") or str(SHIPPED_BASE)
-    shipped = Path(model).resolve() == SHIPPED_BASE
-    cfg = load_config(None, {**(SHIPPED_SAMPLING if shipped else {}), **given}, BlackImageConfig)
-    opts = cfg.experiment
+    cfg, model, shipped, train = load(args, BlackImageConfig)
+    opts, study = cfg.experiment, cfg.study
     if opts.list_variants:
         for name, overrides in bi.VARIANTS.items():
             print(f"{name:20s} {overrides}")
         return 0
-    if shipped and not (SHIPPED_BASE / "model_index.json").is_file():
-        raise UsageError(f"the shipped base is missing from {SHIPPED_BASE}; run `dreambooth-offset pretrain-base`")
-    train = {**(SHIPPED_TRAIN if shipped else {}), **given_values(args, RunConfig, EXPERIMENT_TRAINER_KEYS),
-             **parse_settings(opts.set)}
-    load_config(None, train)  # unknown keys and bad values stop here, before minutes of work
-    exp = bi.ExperimentConfig(
-        model=model, output_dir=Path(opts.output_dir), variants=variants(opts, bi), seeds=opts.seeds, train=train,
-        prompts=opts.prompts or default_prompts(shipped, opts.black_prompt), num_images=opts.num_images,
-        num_inference_steps=cfg.sampling.num_inference_steps, guidance_scale=cfg.sampling.guidance_scale,
-        sampler=opts.sampler, mechanism_check=opts.mechanism_check, black_prompt=opts.black_prompt,
-        prior_prompts=opts.prior_prompts, prior_dir=opts.prior_dir, jobs=opts.jobs,
-    )
     prior_size = prior_set_size(opts, shipped)
+    check_train(train, bool(prior_size or opts.prior_dir or opts.prior_prompts))
+    exp = bi.ExperimentConfig(
+        model=model, output_dir=Path(opts.output_dir), variants=variants(opts, study, bi), seeds=study.seeds,
+        train=train, prompts=study.prompts or default_prompts(shipped, exclude=(opts.black_prompt,)),
+        num_images=study.num_images, num_inference_steps=cfg.sampling.num_inference_steps,
+        guidance_scale=cfg.sampling.guidance_scale, sampler=study.sampler, mechanism_check=opts.mechanism_check,
+        black_prompt=opts.black_prompt, prior_prompts=opts.prior_prompts, prior_dir=opts.prior_dir, jobs=study.jobs,
+    )
     if prior_size:
         from dreambooth_offset.experiments.shipped import write_shipped_prior
 
@@ -84,22 +101,52 @@ def run_black_image(args: argparse.Namespace) -> int:
     return 0
 
 
-def variants(opts, bi) -> tuple:
+def run_brightness_range(args: argparse.Namespace) -> int:
+    from dreambooth_offset.experiments import brightness_range as br
+    from dreambooth_offset.experiments.report import range_table
+    from dreambooth_offset.experiments.runs import GUTTENBERG_PROMPTS, offset_variants
+
+    cfg, model, shipped, train = load(args, BrightnessRangeConfig)
+    opts, study = cfg.experiment, cfg.study
+    if not shipped and not opts.train_data_dir:
+        raise UsageError("--train_data_dir is required for a base other than the shipped one (images with .txt "
+                         "captions, as in Guttenberg's fine-tune)")
+    if opts.train_data_dir:
+        from dreambooth_offset.training.data import find_images
+
+        find_images(opts.train_data_dir, "train_data_dir", caption_extension=".txt")  # a bad folder stops here
+    check_train(train, False)
+    prompts = study.prompts or (br.SHIPPED_PROMPTS if shipped else GUTTENBERG_PROMPTS)
+    exp = br.RangeConfig(model=model, output_dir=Path(opts.output_dir), variants=offset_variants(study.noise_offset),
+                         seeds=study.seeds, train=train, prompts=prompts, train_data_dir=opts.train_data_dir,
+                         num_train_images=opts.num_train_images, num_images=study.num_images,
+                         num_inference_steps=cfg.sampling.num_inference_steps,
+                         guidance_scale=cfg.sampling.guidance_scale, sampler=study.sampler, jobs=study.jobs)
+    results = br.run_experiment(exp)
+    print()
+    print(range_table(results["runs"], list(exp.prompts)))
+    print(f"\nwall time {results['wall_time_s']} s; report: {exp.output_dir / 'report.md'}")
+    return 0
+
+
+def variants(opts, study, bi) -> tuple:
     """The runs to compare: named --variants, else one per --noise_offset value."""
+    from dreambooth_offset.experiments.runs import offset_variants
+
     if not opts.variants:
-        return tuple(bi.Variant(f"noise_offset={o:g}", {"noise_offset": o}) for o in opts.noise_offset)
+        return offset_variants(study.noise_offset)
     unknown = [v for v in opts.variants if v not in bi.VARIANTS]
     if unknown:
         raise UsageError(f"--variants {unknown[0]}: unknown; known: {', '.join(bi.VARIANTS)}")
     return tuple(bi.Variant(v, bi.VARIANTS[v]) for v in opts.variants)
 
 
-def default_prompts(shipped: bool, black_prompt: str) -> tuple[str, ...]:
+def default_prompts(shipped: bool, exclude: tuple[str, ...]) -> tuple[str, ...]:
     """The shipped base's own dark / mid / bright prompts, or Guttenberg's four for a real checkpoint."""
     from dreambooth_offset.base_model.pretrain import PROFILE_PROMPTS
-    from dreambooth_offset.experiments.black_image import GUTTENBERG_PROMPTS
+    from dreambooth_offset.experiments.runs import GUTTENBERG_PROMPTS
 
-    return tuple(p for p in PROFILE_PROMPTS if p != black_prompt) if shipped else GUTTENBERG_PROMPTS
+    return tuple(p for p in PROFILE_PROMPTS if p not in exclude) if shipped else GUTTENBERG_PROMPTS
 
 
 def prior_set_size(opts, shipped: bool) -> int:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from dreambooth_offset.sampling.images import make_grid, to_pil
-from dreambooth_offset.sampling.metrics import DARK_THRESHOLD, dark_fraction, luminance, mean_luminance
+from dreambooth_offset.sampling.metrics import DARK_THRESHOLD, bright_fraction, dark_fraction, luminance, mean_luminance
 
 
 def fit_line(x: Tensor, y: Tensor) -> tuple[float, float]:
@@ -28,6 +28,7 @@ class PromptStats:
     mean_luminance: float  # over the images of one run and prompt
     std: float  # of the per-image mean luminance, across sampling seeds
     dark_fraction: float  # mean fraction of pixels with luminance < 0.05
+    bright_fraction: float  # mean fraction of pixels with luminance > 0.95
     slope: float  # of the output latents' channel means on the start noise's, within channels
     r2: float
 
@@ -50,6 +51,7 @@ def prompt_stats(images: Tensor, start_latents: Tensor, final_latents: Tensor) -
         mean_luminance=float(lum.mean()),
         std=float(lum.std(unbiased=False)),
         dark_fraction=float(dark_fraction(images).mean()),
+        bright_fraction=float(bright_fraction(images).mean()),
         slope=slope,
         r2=r2,
     )
@@ -96,6 +98,28 @@ def summary_table(rows: list[dict], black_prompt: str) -> str:
         lines.append(f"| {name} | {fmt([s['mean_luminance'] for s in stats], '.3f')} | "
                      f"{fmt([s['dark_fraction'] for s in stats], '.2f')} | {fmt([s['slope'] for s in stats], '.2f')} | "
                      f"{fmt([s['s'] for s in stats], '.0f')} | {len(stats)} |")
+    return "\n".join(lines)
+
+
+def range_table(rows: list[dict], prompts: list[str]) -> str:
+    """Guttenberg's shape: one line per prompt, one column per run name (base first), each cell the
+    mean luminance +- its spread (over sampling seeds for one training seed, over training seeds
+    for several), then pixels < 0.05 / > 0.95 and the slope."""
+    names = list(dict.fromkeys(row["name"] for row in rows))
+    lines = ["| prompt | " + " | ".join(names) + " |", "|---" * (1 + len(names)) + "|"]
+    for prompt in prompts:
+        cells = []
+        for name in names:
+            stats = [r["prompts"][prompt] for r in rows if r["name"] == name and prompt in r["prompts"]]
+            if not stats:
+                cells.append("-")
+                continue
+            mean = {key: sum(s[key] for s in stats) / len(stats) for key in stats[0]}
+            lum = torch.tensor([s["mean_luminance"] for s in stats])
+            spread = float(lum.std(unbiased=False)) if len(stats) > 1 else stats[0]["std"]
+            cells.append(f"{mean['mean_luminance']:.3f} +- {spread:.3f} (<0.05: {mean['dark_fraction']:.2f}, "
+                         f">0.95: {mean['bright_fraction']:.2f}, slope {mean['slope']:.2f})")
+        lines.append(f"| {prompt} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -103,14 +103,15 @@ def load_pipeline(model_cfg, lora: str | None = None, lora_scale: float = 1.0, z
     pipe = build_pipeline(parts.tokenizer, parts.text_encoder, parts.vae, parts.unet, parts.noise_scheduler.config)
     if lora:
         from dreambooth_offset.webui import convert
+        from dreambooth_offset.webui.fit import check_fits, module_shapes
 
         path = Path(lora)
         if not path.exists():
             raise UsageError(f"--lora {lora}: no such file or folder")
         file = convert.resolve(path)
         _, modules, _ = convert.read_modules(file)  # refuses pickles and damaged files unopened by diffusers
-        shapes = convert.module_shapes(unet=pipe.unet, text_encoder=pipe.text_encoder)
-        convert.check_fits(modules, shapes, f"--lora {lora}", str(model_cfg.pretrained_model_name_or_path))
+        shapes = module_shapes(unet=pipe.unet, text_encoder=pipe.text_encoder)
+        check_fits(modules, shapes, f"--lora {lora}", str(model_cfg.pretrained_model_name_or_path))
         try:
             pipe.load_lora_weights(str(file.parent), weight_name=file.name)
         except (OSError, ValueError, KeyError) as err:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -37,6 +39,20 @@ def add_adapters(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, cf
             model.add_adapter(_lora_config(cfg, targets))
         except ValueError as err:
             raise UsageError(f"--{flag} {' '.join(targets)}: {str(err).splitlines()[0]}") from None
+
+
+@contextmanager
+def adapters_off(*models: torch.nn.Module | None) -> Iterator[None]:
+    """The base models inside the block: every adapter of `models` (peft's, unwrapped from DDP)
+    switched off, and on again after it."""
+    plain = [getattr(m, "module", m) for m in models if m is not None]
+    for model in plain:
+        model.disable_adapters()
+    try:
+        yield
+    finally:
+        for model in plain:
+            model.enable_adapters()
 
 
 def trainable_parameters(*models: torch.nn.Module | None) -> list[torch.nn.Parameter]:

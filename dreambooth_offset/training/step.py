@@ -12,6 +12,7 @@ from dreambooth_offset.noise.noise import perturb_input_noise, sample_noise, tra
 from dreambooth_offset.noise.objective import Loss, dreambooth_loss, huber_threshold, min_snr_weights, training_target
 from dreambooth_offset.training.batches import Batch
 from dreambooth_offset.training.checkpoint import list_checkpoints
+from dreambooth_offset.training.lora import adapters_off
 from dreambooth_offset.training.models import encode_prompts
 
 
@@ -32,10 +33,24 @@ def train_step(unet, text_encoder, noise_scheduler, batch: Batch, cfg: RunConfig
         context = encode_prompts(text_encoder, batch.input_ids)
     model_pred = unet(noisy_latents, timesteps, context.to(latents.device)).sample
     target = training_target(noise_scheduler, latents, noise, timesteps)
+    n = batch.num_instance
+    if cfg.data.prior_preservation == "prediction" and n < latents.shape[0]:
+        target = torch.cat([target[:n], base_prediction(unet, text_encoder, noisy_latents[n:], timesteps[n:],
+                                                         batch, n).to(target)])
     weights = min_snr_weights(noise_scheduler, timesteps, cfg.loss.snr_gamma) if cfg.loss.snr_gamma else None
     huber_c = huber_threshold(noise_scheduler, timesteps, cfg.loss) if cfg.loss.loss_type != "l2" else None
     return dreambooth_loss(model_pred, target, batch.num_instance, cfg.data.prior_loss_weight, weights,
                            cfg.loss.loss_type, huber_c)
+
+
+@torch.no_grad()
+def base_prediction(unet, text_encoder, noisy_latents, timesteps, batch: Batch, first: int):
+    """What the base model (every LoRA off) predicts for rows `first:` of the batch at the same
+    noisy input: the prior-preservation target of `prior_preservation = 'prediction'`."""
+    with adapters_off(unet, text_encoder):
+        context = batch.encoder_hidden_states
+        context = encode_prompts(text_encoder, batch.input_ids[first:]) if context is None else context[first:]
+        return unet(noisy_latents, timesteps, context.to(noisy_latents.device)).sample
 
 
 def optimizer_step(run, step: int) -> tuple[Loss, float]:

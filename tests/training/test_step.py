@@ -39,3 +39,62 @@ def test_train_step_perturbs_the_input_and_regresses_on_the_clean_noise(predicti
     torch.testing.assert_close(seen["sample"], sched.add_noise(latents, noise + 0.5 * extra, timesteps))
     clean_target = noise if prediction_type == "epsilon" else sched.get_velocity(latents, noise, timesteps)
     torch.testing.assert_close(loss.total, clean_target.pow(2).mean())
+
+
+def _prepared(tiny_model, instance_dir, tmp_path, **extra):
+    from dreambooth_offset.training.prepare import prepare
+    from tests.tiny import overrides, write_images
+
+    classes = write_images(tmp_path / "class", [(10, 10, 10), (240, 240, 240)])
+    return prepare(overrides(tiny_model, instance_dir, tmp_path / "out", with_prior_preservation=True,
+                             class_data_dir=str(classes), class_prompt="a photo of dog", num_class_images=2,
+                             optimizer="adamw", **extra))
+
+
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_prediction_prior_regresses_class_rows_on_the_base_with_the_lora_off(tiny_model, instance_dir, tmp_path,
+                                                                            train_text_encoder):
+    """prior_preservation = 'prediction': at the LoRA's initial state (B = 0) the model is the base,
+    so the prior loss is exactly 0, where DreamBooth's image target is not; after training, the
+    class rows' target is what a separately loaded base predicts, not what the LoRA does."""
+    from diffusers import UNet2DConditionModel
+
+    from dreambooth_offset.training.models import encode_prompts
+    from dreambooth_offset.training.step import base_prediction, train_step
+
+    run = _prepared(tiny_model, instance_dir, tmp_path, prior_preservation="prediction",
+                    train_text_encoder=train_text_encoder)
+    batch = run.batches(0, torch.Generator().manual_seed(0))
+    args = (run.unet, run.text_encoder, run.parts.noise_scheduler, batch)
+    loss = train_step(*args, run.config, torch.Generator().manual_seed(1))
+    # not bit-exact: the two forwards see batches of 4 and 2 rows, so float32 sums round differently
+    # (relative 1e-7 of unit outputs, squared: 1e-14)
+    assert loss.prior.item() < 1e-10
+    image_cfg = load_config(None, {**run.config.to_dict(), "prior_preservation": "image"})
+    assert train_step(*args, image_cfg, torch.Generator().manual_seed(1)).prior.item() > 0
+
+    for p in run.params:  # move the LoRA away from its initial state
+        p.data.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    n, g = batch.num_instance, torch.Generator().manual_seed(2)
+    noisy = torch.randn(batch.latents[n:].shape, generator=g)
+    t = torch.tensor([10, 700])
+    base = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").eval()
+    context = batch.encoder_hidden_states
+    if context is None:
+        context = encode_prompts(run.parts.text_encoder.__class__.from_pretrained(tiny_model, subfolder="text_encoder"),
+                                 batch.input_ids)
+    with torch.no_grad():
+        expected = base(noisy, t, context[n:]).sample
+        lora = run.unet(noisy, t, (context if batch.encoder_hidden_states is not None else
+                                   encode_prompts(run.text_encoder, batch.input_ids))[n:]).sample
+    got = base_prediction(run.unet, run.text_encoder, noisy, t, batch, n)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)  # one model, two loads: float32 rounding
+    assert not torch.allclose(got, lora, atol=1e-3)
+    assert all(m.requires_grad for m in run.params)  # the adapters are back on and still train
+
+
+def test_prediction_prior_needs_prior_preservation():
+    from dreambooth_offset.errors import UsageError
+
+    with pytest.raises(UsageError, match="needs with_prior_preservation"):
+        load_config(None, {"prior_preservation": "prediction"})

@@ -1,0 +1,56 @@
+"""experiment brightness-range: its training set, its command and report (tiny base, seconds)."""
+import json
+
+import torch
+from PIL import Image
+
+from dreambooth_offset.cli import main
+from dreambooth_offset.experiments.brightness_range import SHIPPED_PROMPTS, write_training_set
+from tests.tiny import write_images
+
+
+def test_the_shipped_training_set_spans_the_levels_and_leaves_out_the_evaluated_prompts(tmp_path):
+    from dreambooth_offset.base_model.synthetic import LEVELS
+    from dreambooth_offset.sampling.metrics import mean_luminance
+
+    folder = write_training_set(tmp_path / "train", 40, SHIPPED_PROMPTS)
+    images = sorted(folder.glob("train-*.png"))
+    captions = [p.with_suffix(".txt").read_text().strip() for p in images]
+    assert len(images) == 40 and not {c.lower() for c in captions} & {p.lower() for p in SHIPPED_PROMPTS}
+    y = [float(mean_luminance(torch.from_numpy(__import__("numpy").array(Image.open(p))).permute(2, 0, 1)[None]
+                              .float() / 255)) for p in images]
+    per_level = [sum(lo <= v < hi + 0.01 for v in y) for _, lo, hi in LEVELS]
+    assert per_level == [8] * 5, per_level  # 8 per level (PNG rounding can move a mean by 1/510)
+    assert any("very dark" in c for c in captions) and any("very bright" in c for c in captions)
+    assert write_training_set(tmp_path / "train", 40, SHIPPED_PROMPTS) == folder  # the same set again
+    assert [p.with_suffix(".txt").read_text().strip() for p in sorted(folder.glob("train-*.png"))] == captions
+
+
+def test_report_in_guttenbergs_shape(tiny_model, tmp_path, capsys):
+    data = write_images(tmp_path / "data", [(10, 10, 10), (245, 245, 245), (128, 128, 128)])
+    for i, caption in enumerate(["a dark photo", "a bright photo", "a photo"]):
+        (data / f"img{i}.txt").write_text(caption)
+    out = tmp_path / "report"
+    code = main(["experiment", "brightness-range", "--pretrained_model_name_or_path", str(tiny_model),
+                 "--train_data_dir", str(data), "--output_dir", str(out), "--seeds", "0", "--num_images", "2",
+                 "--num_inference_steps", "2", "--max_train_steps", "2", "--optimizer", "adamw",
+                 "--prompts", "a dark photo of sks dog", "a bright photo of sks dog"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "| prompt | base | noise_offset=0 | noise_offset=0.1 |" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in results["runs"]] == ["base", "noise_offset=0", "noise_offset=0.1"]
+    for run in results["runs"]:
+        assert set(run["prompts"]) == {"a dark photo of sks dog", "a bright photo of sks dog"}
+        for stats in run["prompts"].values():
+            assert set(stats) == {"mean_luminance", "std", "dark_fraction", "bright_fraction", "slope", "r2"}
+    trained = json.loads((out / "runs" / "noise_offset=0.1-seed0" / "training_config.json").read_text())
+    assert trained["instance_data_dir"] == str(data) and trained["caption_extension"] == ".txt"
+    assert trained["noise_offset"] == 0.1
+    for name in ("report.md", "grid-0.png", "grid-1.png", "histogram-0.png", "histogram-1.png"):
+        assert (out / name).is_file()
+
+
+def test_another_base_needs_its_training_images(tiny_model, tmp_path, capsys):
+    assert main(["experiment", "brightness-range", "--pretrained_model_name_or_path", str(tiny_model),
+                 "--output_dir", str(tmp_path / "r")]) == 2
+    assert "--train_data_dir is required" in capsys.readouterr().err
