@@ -166,23 +166,51 @@ class RangeOptions:
 
 
 @dataclass(frozen=True)
-class BlackImageConfig:
-    """`experiment black-image`; the trainer keys it passes to every run are RunConfig's."""
+class SubjectOptions:
+    """`experiment subject`'s own options."""
+
+    output_dir: str = option("subject-report", "Report folder.")
+    instance_data_dir: str | None = option(
+        None, "Images of your subject (required for a base other than the shipped one, whose default subject is "
+        "a magenta plus sign it has never seen named).")
+    instance_prompt: str = option("a sks object", "The subject's prompt, with its rare token.")
+    subject_hue: float = option(307.0, "Hue of the subject's main colour in degrees (HSV), for the fidelity figure; "
+                                       "the shipped subject's magenta is 307.")
+    prior_size: int = option(256, "Shipped base: prior preservation with N images of its own training data and "
+                                  "their captions (0: none).")
+    prior_dir: str | None = option(
+        None, "Prior preservation with your own class images (with .txt captions), instead of --prior_size.")
+
+    def __post_init__(self) -> None:
+        if self.prior_size < 0:
+            raise UsageError(f"--prior_size {self.prior_size}: must be 0 (off) or more")
+        if not 0.0 <= self.subject_hue < 360.0:
+            raise UsageError(f"--subject_hue {self.subject_hue}: a hue in degrees, 0 <= hue < 360")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """What every experiment's schema holds; each adds its own `experiment` options section. The
+    trainer keys an experiment passes to every run are RunConfig's (EXPERIMENT_TRAINER_KEYS)."""
 
     model: ModelConfig = section(ModelConfig, ("pretrained_model_name_or_path",))
-    experiment: ExperimentOptions = section(ExperimentOptions)
     study: StudyOptions = section(StudyOptions)
     sampling: SamplingConfig = section(SamplingConfig, ("num_inference_steps", "guidance_scale"))
 
 
 @dataclass(frozen=True)
-class BrightnessRangeConfig:
-    """`experiment brightness-range`; the trainer keys it passes to every run are RunConfig's."""
+class BlackImageConfig(Experiment):
+    experiment: ExperimentOptions = section(ExperimentOptions)
 
-    model: ModelConfig = section(ModelConfig, ("pretrained_model_name_or_path",))
+
+@dataclass(frozen=True)
+class BrightnessRangeConfig(Experiment):
     experiment: RangeOptions = section(RangeOptions)
-    study: StudyOptions = section(StudyOptions)
-    sampling: SamplingConfig = section(SamplingConfig, ("num_inference_steps", "guidance_scale"))
+
+
+@dataclass(frozen=True)
+class SubjectExperimentConfig(Experiment):
+    experiment: SubjectOptions = section(SubjectOptions)
 
 
 # Trainer keys the experiments take as flags of their own (any other: --set KEY=VALUE).

@@ -22,6 +22,7 @@ from dreambooth_offset.experiments.runs import (  # noqa: F401  (Variant: the ex
     Study,
     Variant,
     elapsed,
+    load_base,
     run_study,
     sample_prompts,
     settings,
@@ -138,14 +139,8 @@ def mechanism_check(shared: RunInputs, seed: int, variant: Variant, pipe, row: d
 
 
 def run_experiment(cfg: ExperimentConfig) -> dict:
-    from dreambooth_offset.config import ModelConfig
-    from dreambooth_offset.training.models import load_parts, native_resolution
-
     started = time.time()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    base = load_parts(ModelConfig(cfg.model))
-    resolution = int(cfg.train.get("resolution") or native_resolution(base.unet.config, base.vae.config))
+    out, base, resolution = load_base(cfg.model, Path(cfg.output_dir), cfg.train)
     instance_dir = make_black_image(out / "data" / "instance", resolution)
     if cfg.prior_prompts:
         from dreambooth_offset.experiments.runs import pipeline

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from dreambooth_offset.experiments import report
-from dreambooth_offset.experiments.runs import Study, Variant, elapsed, run_study, settings
+from dreambooth_offset.experiments.runs import Study, Variant, elapsed, load_base, run_study, settings
 
 # The shipped base's stand-ins for Guttenberg's four, in his order (a dark scene, a bright one on
 # white, a bright sunny scene, a dark scene lit by one light), in the vocabulary of its training
@@ -79,14 +79,8 @@ def write_training_set(folder: Path, n: int, exclude: tuple[str, ...]) -> Path:
 
 
 def run_experiment(cfg: RangeConfig) -> dict:
-    from dreambooth_offset.config import ModelConfig
-    from dreambooth_offset.training.models import load_parts, native_resolution
-
     started = time.time()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    base = load_parts(ModelConfig(cfg.model))
-    resolution = int(cfg.train.get("resolution") or native_resolution(base.unet.config, base.vae.config))
+    out, base, resolution = load_base(cfg.model, Path(cfg.output_dir), cfg.train)
     data = Path(cfg.train_data_dir) if cfg.train_data_dir else write_training_set(out / "data" / "train",
                                                                                   cfg.num_train_images, cfg.prompts)
     study = Study(model=cfg.model, output_dir=out, title="brightness-range", variants=cfg.variants, seeds=cfg.seeds,

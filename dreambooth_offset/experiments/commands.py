@@ -8,7 +8,12 @@ import dataclasses
 from pathlib import Path
 
 from dreambooth_offset.config import RunConfig, add_arguments, given_values, load_config
-from dreambooth_offset.config.commands import EXPERIMENT_TRAINER_KEYS, BlackImageConfig, BrightnessRangeConfig
+from dreambooth_offset.config.commands import (
+    EXPERIMENT_TRAINER_KEYS,
+    BlackImageConfig,
+    BrightnessRangeConfig,
+    SubjectExperimentConfig,
+)
 from dreambooth_offset.errors import UsageError
 from dreambooth_offset.experiments.shipped import SHIPPED_BASE, SHIPPED_PRIOR_SIZE, SHIPPED_SAMPLING, SHIPPED_TRAIN
 
@@ -17,6 +22,8 @@ EXPERIMENTS = (
                                       "samples."),
     ("brightness-range", BrightnessRangeConfig, "Fine-tune on a small captioned set spread over the brightness levels "
                                                 "without and with offset noise; compare dark and bright prompts."),
+    ("subject", SubjectExperimentConfig, "DreamBooth a subject without and with offset noise; sample it alone, in a "
+                                         "very dark and in a very bright scene; measure brightness and fidelity."),
 )
 
 
@@ -31,7 +38,8 @@ def register(subparsers) -> None:
         add_arguments(e, schema, config_file=False)
         add_arguments(e, RunConfig, keys=EXPERIMENT_TRAINER_KEYS, config_file=False,
                       description="Trainer settings for every run (on the shipped base, the defaults are its own).")
-        e.set_defaults(func={"black-image": run_black_image, "brightness-range": run_brightness_range}[name])
+        e.set_defaults(func={"black-image": run_black_image, "brightness-range": run_brightness_range,
+                             "subject": run_subject}[name])
 
 
 def parse_settings(items: tuple[str, ...]) -> dict:
@@ -70,6 +78,11 @@ def check_train(train: dict, with_prior: bool) -> None:
     load_config(None, {**train, **(prior if with_prior else {})})
 
 
+def finished(table: str, results: dict, out: Path) -> int:
+    print(f"\n{table}\n\nwall time {results['wall_time_s']} s; report: {out / 'report.md'}")
+    return 0
+
+
 def run_black_image(args: argparse.Namespace) -> int:
     from dreambooth_offset.experiments import black_image as bi
     from dreambooth_offset.experiments.report import summary_table
@@ -95,10 +108,7 @@ def run_black_image(args: argparse.Namespace) -> int:
         prior = write_shipped_prior(exp.output_dir / "data" / "prior", prior_size, [exp.black_prompt, *exp.prompts])
         exp = dataclasses.replace(exp, prior_dir=str(prior))
     results = bi.run_experiment(exp)
-    print()
-    print(summary_table(results["runs"], exp.black_prompt))
-    print(f"\nwall time {results['wall_time_s']} s; report: {exp.output_dir / 'report.md'}")
-    return 0
+    return finished(summary_table(results["runs"], exp.black_prompt), results, exp.output_dir)
 
 
 def run_brightness_range(args: argparse.Namespace) -> int:
@@ -123,10 +133,47 @@ def run_brightness_range(args: argparse.Namespace) -> int:
                          num_inference_steps=cfg.sampling.num_inference_steps,
                          guidance_scale=cfg.sampling.guidance_scale, sampler=study.sampler, jobs=study.jobs)
     results = br.run_experiment(exp)
-    print()
-    print(range_table(results["runs"], list(exp.prompts)))
-    print(f"\nwall time {results['wall_time_s']} s; report: {exp.output_dir / 'report.md'}")
-    return 0
+    return finished(range_table(results["runs"], list(exp.prompts)), results, exp.output_dir)
+
+
+def run_subject(args: argparse.Namespace) -> int:
+    from dreambooth_offset.experiments import subject as sj
+    from dreambooth_offset.experiments.black_image import prior_keys
+    from dreambooth_offset.experiments.runs import offset_variants
+
+    cfg, model, shipped, train = load(args, SubjectExperimentConfig)
+    opts, study = cfg.experiment, cfg.study
+    if not shipped and not opts.instance_data_dir:
+        raise UsageError("--instance_data_dir is required for a base other than the shipped one (your subject's "
+                         "images), with --instance_prompt and --subject_hue")
+    prior_size = opts.prior_size if shipped and not opts.prior_dir else 0
+    check_train(train, bool(prior_size or opts.prior_dir))
+    out = Path(opts.output_dir)
+    prompts = study.prompts or (sj.SHIPPED_PROMPTS if shipped else (
+        opts.instance_prompt, f"{opts.instance_prompt} at night in a very dark room",
+        f"{opts.instance_prompt} in the snow on a bright sunny day"))
+    if opts.instance_data_dir:
+        from dreambooth_offset.training.data import find_images
+
+        find_images(opts.instance_data_dir, "instance_data_dir")  # a bad folder stops here
+        instance = Path(opts.instance_data_dir)
+    else:
+        from dreambooth_offset.config.recipe import shipped_recipe
+
+        instance = sj.write_subject_images(out / "data" / "subject", sj.NUM_SUBJECT_IMAGES, shipped_recipe().resolution)
+    if prior_size:
+        from dreambooth_offset.experiments.shipped import write_shipped_prior
+
+        train = {**prior_keys(write_shipped_prior(out / "data" / "prior", prior_size, list(prompts))), **train}
+    elif opts.prior_dir:
+        train = {**prior_keys(Path(opts.prior_dir)), **train}
+    exp = sj.SubjectConfig(model=model, output_dir=out, variants=offset_variants(study.noise_offset), seeds=study.seeds,
+                           train=train, prompts=prompts, instance_dir=instance, instance_prompt=opts.instance_prompt,
+                           subject_hue=opts.subject_hue, num_images=study.num_images,
+                           num_inference_steps=cfg.sampling.num_inference_steps,
+                           guidance_scale=cfg.sampling.guidance_scale, sampler=study.sampler, jobs=study.jobs)
+    results = sj.run_experiment(exp)
+    return finished(sj.subject_table(results["runs"], list(exp.prompts)), results, out)
 
 
 def variants(opts, study, bi) -> tuple:

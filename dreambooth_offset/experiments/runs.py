@@ -111,6 +111,16 @@ def run_one(shared: RunInputs, seed: int, variant: Variant, position: int | None
     return out
 
 
+def load_base(model: str, output_dir: Path, train: dict):
+    """(the report folder, made; the base's SDParts; the resolution: the trainer's, else the model's own)."""
+    from dreambooth_offset.config import ModelConfig
+    from dreambooth_offset.training.models import load_parts, native_resolution
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    base = load_parts(ModelConfig(model))
+    return output_dir, base, int(train.get("resolution") or native_resolution(base.unet.config, base.vae.config))
+
+
 def run_study(study: Study, base) -> tuple[list[dict], dict[str, dict], int, float]:
     """The base and every (seed, variant) run, sampled and measured: (rows with their per-prompt
     statistics, samples by grid label, jobs used, a_T). `base` is the loaded SDParts."""

@@ -27,3 +27,25 @@ def dark_fraction(images: Tensor, threshold: float = DARK_THRESHOLD) -> Tensor:
 
 def bright_fraction(images: Tensor, threshold: float = BRIGHT_THRESHOLD) -> Tensor:
     return (luminance(images) > threshold).float().mean(dim=(1, 2))
+
+
+def hue_saturation_value(images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """HSV of RGB images in [0, 1], (..., 3, H, W) -> three (..., H, W): hue in degrees [0, 360),
+    saturation and value in [0, 1] (hue 0 where the pixel is grey)."""
+    value, argmax = images.max(dim=-3)
+    chroma = value - images.min(dim=-3).values
+    r, g, b = images.unbind(dim=-3)
+    safe = chroma.clamp(min=1e-12)
+    hue = torch.where(argmax == 0, ((g - b) / safe) % 6, torch.where(argmax == 1, (b - r) / safe + 2, (r - g) / safe + 4))
+    hue = torch.where(chroma > 0, hue * 60.0, torch.zeros_like(hue))
+    saturation = torch.where(value > 0, chroma / value.clamp(min=1e-12), torch.zeros_like(value))
+    return hue, saturation, value
+
+
+def colour_fraction(images: Tensor, hue: float, tolerance: float = 15.0, min_saturation: float = 0.4,
+                    min_value: float = 0.05) -> Tensor:
+    """Per-image fraction of pixels of one colour, whatever their brightness: hue within
+    `tolerance` degrees of `hue`, saturated, not black. Shape (N,)."""
+    h, s, v = hue_saturation_value(images)
+    distance = torch.minimum((h - hue) % 360.0, (hue - h) % 360.0)
+    return ((distance <= tolerance) & (s >= min_saturation) & (v >= min_value)).float().mean(dim=(-2, -1))
