@@ -118,13 +118,8 @@ def run_brightness_range(args: argparse.Namespace) -> int:
 
     cfg, model, shipped, train = load(args, BrightnessRangeConfig)
     opts, study = cfg.experiment, cfg.study
-    if not shipped and not opts.train_data_dir:
-        raise UsageError("--train_data_dir is required for a base other than the shipped one (images with .txt "
-                         "captions, as in Guttenberg's fine-tune)")
-    if opts.train_data_dir:
-        from dreambooth_offset.training.data import find_images
-
-        find_images(opts.train_data_dir, "train_data_dir", caption_extension=".txt")  # a bad folder stops here
+    own_data(opts.train_data_dir, "train_data_dir", shipped, "images with .txt captions, as in Guttenberg's "
+             "fine-tune", caption_extension=".txt")
     check_train(train, False)
     prompts = study.prompts or (br.SHIPPED_PROMPTS if shipped else GUTTENBERG_PROMPTS)
     exp = br.RangeConfig(model=model, output_dir=Path(opts.output_dir), variants=offset_variants(study.noise_offset),
@@ -143,9 +138,8 @@ def run_subject(args: argparse.Namespace) -> int:
 
     cfg, model, shipped, train = load(args, SubjectExperimentConfig)
     opts, study = cfg.experiment, cfg.study
-    if not shipped and not opts.instance_data_dir:
-        raise UsageError("--instance_data_dir is required for a base other than the shipped one (your subject's "
-                         "images), with --instance_prompt and --subject_hue")
+    own_data(opts.instance_data_dir, "instance_data_dir", shipped, "your subject's images, with "
+             "--instance_prompt and --subject_hue")
     prior_size = opts.prior_size if shipped and not opts.prior_dir else 0
     check_train(train, bool(prior_size or opts.prior_dir))
     out = Path(opts.output_dir)
@@ -153,9 +147,6 @@ def run_subject(args: argparse.Namespace) -> int:
         opts.instance_prompt, f"{opts.instance_prompt} at night in a very dark room",
         f"{opts.instance_prompt} in the snow on a bright sunny day"))
     if opts.instance_data_dir:
-        from dreambooth_offset.training.data import find_images
-
-        find_images(opts.instance_data_dir, "instance_data_dir")  # a bad folder stops here
         instance = Path(opts.instance_data_dir)
     else:
         from dreambooth_offset.config.recipe import shipped_recipe
@@ -174,6 +165,17 @@ def run_subject(args: argparse.Namespace) -> int:
                            guidance_scale=cfg.sampling.guidance_scale, sampler=study.sampler, jobs=study.jobs)
     results = sj.run_experiment(exp)
     return finished(sj.subject_table(results["runs"], list(exp.prompts)), results, out)
+
+
+def own_data(folder: str | None, flag: str, shipped: bool, what: str, caption_extension: str = "") -> None:
+    """The user's data folder of an experiment: required for a base other than the shipped one (which
+    brings its own), and checked before minutes of work when given."""
+    from dreambooth_offset.training.data import find_images
+
+    if not shipped and not folder:
+        raise UsageError(f"--{flag} is required for a base other than the shipped one ({what})")
+    if folder:
+        find_images(folder, flag, caption_extension=caption_extension)
 
 
 def variants(opts, study, bi) -> tuple:
