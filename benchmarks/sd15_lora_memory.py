@@ -43,7 +43,7 @@ def main() -> None:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     unet = UNet2DConditionModel(**SD15_UNET).to(device, dtype)
     unet.requires_grad_(False)
-    add_adapters(unet, None, AdapterConfig(rank=args.rank))
+    add_adapters(unet, AdapterConfig(rank=args.rank))
     params = trainable_parameters(unet)
     for p in params:
         p.data = p.data.float()  # LoRA weights train in fp32, as the trainer does
@@ -58,7 +58,7 @@ def main() -> None:
     context = torch.randn(args.batch, 77, 768, generator=g).to(device, dtype)
 
     def step() -> float:
-        noise = sample_noise(latents, NoiseConfig(), g)
+        noise = sample_noise(latents, NoiseConfig(noise_offset=0.1), g)
         t = torch.randint(0, 1000, (args.batch,), generator=g).to(device)
         with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
             pred = unet(scheduler.add_noise(latents, noise, t).to(dtype), t, context).sample

@@ -55,7 +55,7 @@ def lora_unet(model: str, adapter: AdapterConfig):
 
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
     unet.requires_grad_(False)
-    add_adapters(unet, None, adapter)
+    add_adapters(unet, adapter)
     return unet
 
 
@@ -116,7 +116,7 @@ def sd15_lora_unet():
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SD15_UNET)
         unet.requires_grad_(False)
-        add_adapters(unet, None, AdapterConfig())
+        add_adapters(unet, AdapterConfig())
     return unet
 
 

@@ -15,13 +15,13 @@ def reset_accelerator_state() -> None:
     AcceleratorState._reset_state()
 
 
-def set_text_encoder_lora(state: dict, text_encoder) -> None:
-    """Load the `text_encoder.`-prefixed LoRA weights of a diffusers LoRA state dict into a peft
-    text encoder. Waits for: `load_lora_adapter` on transformers models (diffusers has it for the
-    UNet only as of 0.42)."""
+def set_text_encoder_lora(state: dict, text_encoder, prefix: str = "text_encoder.") -> None:
+    """Load the `prefix`ed LoRA weights of a diffusers LoRA state dict (`text_encoder.`, SDXL's
+    `text_encoder_2.`) into a peft text encoder. Waits for: `load_lora_adapter` on transformers
+    models (diffusers has it for the UNet only as of 0.42)."""
     from diffusers.training_utils import _set_state_dict_into_text_encoder
 
-    _set_state_dict_into_text_encoder(state, prefix="text_encoder.", text_encoder=text_encoder)
+    _set_state_dict_into_text_encoder(state, prefix=prefix, text_encoder=text_encoder)
 
 
 def kohya_to_diffusers(state: dict) -> tuple[dict, dict]:

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from tests.tiny import build_pipeline_folder, write_images
+from tests.tiny import build_pipeline_folder, build_sdxl_folder, write_images
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)  # tiny models: threading overhead outweighs the work
@@ -12,6 +12,11 @@ torch.set_num_threads(1)  # tiny models: threading overhead outweighs the work
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     return build_pipeline_folder(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    return build_sdxl_folder(tmp_path_factory.mktemp("tiny_sdxl"))
 
 
 @pytest.fixture(scope="session")

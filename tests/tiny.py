@@ -43,6 +43,44 @@ def build_pipeline_folder(folder: Path, seed: int = 0, cross_attention_dim: int 
     return folder / "model"
 
 
+def build_sdxl_folder(folder: Path, seed: int = 0) -> Path:
+    """A tiny SDXL: two CLIP text encoders (the second with a projection), a UNet that takes the
+    pooled text and the size/crop time ids (`text_time`), saved as an SDXL pipeline folder."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from dreambooth_offset.base_model.pretrain import build_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(folder / "tokenizer_src", WORDS)
+    widths, time_dim = (8, 12), 4
+
+    def text_config(width):
+        return CLIPTextConfig(hidden_size=width, intermediate_size=16, num_attention_heads=2, num_hidden_layers=2,
+                              vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                              pad_token_id=1, projection_dim=width)
+
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=RESOLUTION // 2, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=sum(widths), norm_num_groups=2, attention_head_dim=2,
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + widths[1],
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[4, 8], latent_channels=4, norm_num_groups=2, sample_size=RESOLUTION,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+    )
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(text_config(widths[0])),
+                                     text_encoder_2=CLIPTextModelWithProjection(text_config(widths[1])),
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+                                     add_watermarker=False)
+    pipe.save_pretrained(folder / "sdxl", safe_serialization=True)
+    return folder / "sdxl"
+
+
 def write_images(folder: Path, colours: list[tuple[int, int, int]], size: tuple[int, int] = (20, 16)) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)

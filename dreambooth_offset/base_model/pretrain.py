@@ -123,8 +123,10 @@ def brightness_profile(pipe, prompts, seeds: int, steps: int) -> tuple[dict, lis
     from dreambooth_offset.sampling.images import to_pil
     from dreambooth_offset.sampling.metrics import dark_fraction, mean_luminance
 
+    from dreambooth_offset.training.models import SDParts
+
     c = pipe.components
-    pipe = build_pipeline(c["tokenizer"], c["text_encoder"], c["vae"], c["unet"], pipe.scheduler.config)
+    pipe = build_pipeline(SDParts(c["tokenizer"], c["text_encoder"], c["vae"], c["unet"], pipe.scheduler))
     stats, images = {}, []
     for prompt in tqdm(prompts, desc="profile"):
         out = generate(pipe, prompt, list(range(seeds)), steps, 7.5).images

@@ -16,11 +16,13 @@ OFFSET_MODIFIERS = {"noise_offset_random_strength": False, "adaptive_noise_scale
 class NoiseConfig:
     """How the training noise is drawn (noise/noise.py). Formulas: docs/science.md; every option: docs/noise-options.md."""
 
-    noise_offset: float | str = option(
-        0.1,
+    noise_offset: float | str | None = option(
+        None,
         "Offset-noise strength o: one N(0, o^2) shift per (sample, channel) added to the noise "
         "(Guttenberg 2023). 0 disables it. 'auto': the smallest o that closes the train/inference "
-        "brightness gap of the training images (written to noise_offset_auto.json).",
+        "brightness gap of the training images (written to noise_offset_auto.json). Default: the "
+        "model family's, 0.1 for SD 1.x/2.x (Guttenberg's value), 0.0357 for SDXL, whose base was "
+        "itself trained with offset noise (kohya's recommendation; docs/sdxl.md).",
         words=("auto",),
     )
     noise_offset_random_strength: bool = option(
@@ -68,7 +70,9 @@ class NoiseConfig:
     def __post_init__(self) -> None:
         check_choices(self)
         offset = self.noise_offset
-        if isinstance(offset, str):
+        if offset is None:  # the family's default, resolved with the model (training/family.py)
+            pass
+        elif isinstance(offset, str):
             if offset != "auto":
                 raise UsageError(f"noise_offset = {offset!r}: give a number >= 0 or 'auto'")
         elif offset < 0:
@@ -94,7 +98,7 @@ class NoiseConfig:
             raise UsageError(
                 f"multires_noise_iterations = {self.multires_noise_iterations} with noise_offset = {offset!r}: "
                 "pyramid noise replaces offset noise (kohya refuses the pair too). The default noise_offset is "
-                "0.1, so pass --noise_offset 0 explicitly to use pyramid noise"
+                "above 0 (0.1 for SD, 0.0357 for SDXL), so pass --noise_offset 0 explicitly to use pyramid noise"
             )
         if not self.offset_used:
             for key, off in OFFSET_MODIFIERS.items():
@@ -106,8 +110,9 @@ class NoiseConfig:
 
     @property
     def offset_used(self) -> bool:
-        """Whether any step of the run draws offset noise."""
-        return self.noise_offset == "auto" or self.noise_offset > 0 or bool(self.noise_offset_end)
+        """Whether any step of the run draws offset noise (the family defaults are all above 0)."""
+        offset = self.noise_offset
+        return offset is None or offset == "auto" or offset > 0 or bool(self.noise_offset_end)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,10 @@ class ModelConfig:
     )
     revision: str | None = option(None, "Hub revision (branch, tag or commit) of the checkpoint.")
     variant: str | None = option(None, "Weight variant to load, e.g. 'fp16'.")
+    pretrained_vae_model_name_or_path: str | None = option(
+        None, "A separate VAE (local folder or cached hub id), e.g. an fp16-safe SDXL VAE. A VAE whose config "
+        "says force_upcast (SDXL's own, which overflows in fp16) stays in fp32 under --mixed_precision.",
+    )
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -84,7 +88,12 @@ class AdapterConfig:
         ("to_q", "to_k", "to_v", "to_out.0"),
         "UNet modules that get LoRA (peft target_modules names; convs such as conv1, conv2, conv_out work too).",
     )
-    train_text_encoder: bool = option(False, "Also train LoRA on the text encoder.")
+    train_text_encoder: bool = option(False, "Also train LoRA on the text encoder (SDXL: on both, unless "
+                                              "--no-train_text_encoder_2).")
+    train_text_encoder_2: bool | None = option(
+        None, "SDXL: LoRA on the second text encoder (OpenCLIP ViT-bigG) too. Default: as --train_text_encoder; "
+        "--train_text_encoder_2 alone trains only the second.",
+    )
     text_encoder_target_modules: tuple[str, ...] = option(
         ("q_proj", "k_proj", "v_proj", "out_proj"), "Text-encoder modules that get LoRA."
     )

@@ -145,7 +145,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     if cfg.prior_prompts:
         from dreambooth_offset.experiments.runs import pipeline
 
-        prior = make_prior_set(pipeline(base, base.unet, base.text_encoder, cfg.sampler), out / "data" / "prior", cfg,
+        prior = make_prior_set(pipeline(base, base.unet, base.text_encoders, cfg.sampler), out / "data" / "prior", cfg,
                                resolution)
     else:
         prior = prior_keys(Path(cfg.prior_dir)) if cfg.prior_dir else {}

@@ -71,10 +71,10 @@ class RunInputs:
     starts: torch.Tensor  # the sampling start latents, the same for every run
 
 
-def pipeline(parts, unet, text_encoder, sampler: str):
+def pipeline(parts, unet, text_encoders, sampler: str):
     import diffusers
 
-    pipe = build_pipeline(parts.tokenizer, text_encoder, parts.vae, unet, parts.noise_scheduler.config)
+    pipe = build_pipeline(parts, unet, text_encoders)
     pipe.scheduler = getattr(diffusers, SAMPLER_CLASSES[sampler]).from_config(pipe.scheduler.config)
     pipe.unet.eval()
     return pipe
@@ -101,7 +101,7 @@ def run_one(shared: RunInputs, seed: int, variant: Variant, position: int | None
               "seed": seed, **study.train, **variant.overrides}
     bar = {"desc": f"{name} seed {seed}"} | ({"position": position, "leave": False} if position is not None else {})
     result = train(load_config(None, values), progress_bar=bar)
-    pipe = pipeline(result.parts, result.unet, result.text_encoder, study.sampler)
+    pipe = pipeline(result.parts, result.unet, result.text_encoders, study.sampler)
     rescale = SamplingConfig().rescale(result.config.noise.zero_terminal_snr)
     row = {"name": name, "noise_offset": result.config.noise.noise_offset,  # a number, also for "auto"
            "seed": seed, "train_seconds": round(result.seconds, 1)}
@@ -126,7 +126,7 @@ def run_study(study: Study, base) -> tuple[list[dict], dict[str, dict], int, flo
     statistics, samples by grid label, jobs used, a_T). `base` is the loaded SDParts."""
     from tqdm.auto import tqdm
 
-    base_pipe = pipeline(base, base.unet, base.text_encoder, study.sampler)
+    base_pipe = pipeline(base, base.unet, base.text_encoders, study.sampler)
     starts = start_latents(base_pipe, list(range(study.num_images)), study.resolution, study.resolution)
     runs = len(study.variants) * len(study.seeds)
     jobs = min(study.jobs or default_jobs(), runs)

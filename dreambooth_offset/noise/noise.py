@@ -40,8 +40,9 @@ def scheduled_offset(cfg: NoiseConfig, progress: float) -> float:
     "Offset noise and its variants".
     """
     start = cfg.noise_offset
-    if isinstance(start, str):
-        raise ValueError("noise_offset = 'auto' must be resolved to a number first (training/auto_offset.py)")
+    if start is None or isinstance(start, str):
+        raise ValueError(f"noise_offset = {start!r} must be resolved to a number first: 'auto' by "
+                         "training/auto_offset.py, unset to the model family's default by training/family.py")
     if cfg.noise_offset_schedule == "constant":
         return start
     p = min(max(progress, 0.0), 1.0)

@@ -24,7 +24,7 @@ def ensure_class_images(parts, cfg: RunConfig, accelerator) -> list[Path]:
         folder.mkdir(parents=True, exist_ok=True)
         have = len(find_images(folder, "class_data_dir", allow_empty=True, caption_extension=cfg.data.caption_extension))
         if have < wanted:
-            pipe = build_pipeline(parts.tokenizer, parts.text_encoder, parts.vae, parts.unet, parts.noise_scheduler.config)
+            pipe = build_pipeline(parts)
             pipe.to(accelerator.device)
             seeds = [cfg.train.seed + CLASS_SEED_BASE + i for i in range(have, wanted)]
             step = cfg.data.sample_batch_size

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from dreambooth_offset.errors import UsageError
+from dreambooth_offset.training.family import SDXL
 from dreambooth_offset.training.models import unscale_latents
 
 
@@ -17,21 +18,23 @@ def sampler_overrides(scheduler_config) -> dict[str, object]:
     return {"timestep_spacing": "trailing"} if scheduler_config.get("rescale_betas_zero_snr") else {}
 
 
-def build_pipeline(tokenizer, text_encoder, vae, unet, scheduler_config):
-    """A StableDiffusionPipeline over the given parts, with a DDIM sampler from the model's config
-    ("trailing" timesteps when the config has zero-terminal-SNR betas)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def build_pipeline(parts, unet=None, text_encoders=None):
+    """The family's pipeline (StableDiffusionPipeline, or StableDiffusionXLPipeline) over the loaded
+    `parts` (training/models.py SDParts), with `unet` / `text_encoders` in place of the frozen ones
+    when given, and a DDIM sampler from the model's config ("trailing" timesteps when the config
+    has zero-terminal-SNR betas)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler.from_config(scheduler_config, **sampler_overrides(scheduler_config)),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    config = parts.noise_scheduler.config
+    encoders = text_encoders or parts.text_encoders
+    common = {"vae": parts.vae, "unet": unet or parts.unet, "tokenizer": parts.tokenizer, "text_encoder": encoders[0],
+              "scheduler": DDIMScheduler.from_config(config, **sampler_overrides(config))}
+    if parts.family == SDXL:
+        pipe = StableDiffusionXLPipeline(**common, tokenizer_2=parts.tokenizer_2, text_encoder_2=encoders[1],
+                                         add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(**common, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -100,7 +103,7 @@ def load_pipeline(model_cfg, lora: str | None = None, lora_scale: float = 1.0, z
     from dreambooth_offset.training.models import load_parts
 
     parts = load_parts(model_cfg, zero_terminal_snr, prediction_type)
-    pipe = build_pipeline(parts.tokenizer, parts.text_encoder, parts.vae, parts.unet, parts.noise_scheduler.config)
+    pipe = build_pipeline(parts)
     if lora:
         from dreambooth_offset.webui import convert
         from dreambooth_offset.webui.fit import check_fits, module_shapes
@@ -110,7 +113,7 @@ def load_pipeline(model_cfg, lora: str | None = None, lora_scale: float = 1.0, z
             raise UsageError(f"--lora {lora}: no such file or folder")
         file = convert.resolve(path)
         _, modules, _ = convert.read_modules(file)  # refuses pickles and damaged files unopened by diffusers
-        shapes = module_shapes(unet=pipe.unet, text_encoder=pipe.text_encoder)
+        shapes = module_shapes(unet=parts.unet, **dict(zip(("text_encoder", "text_encoder_2"), parts.text_encoders)))
         check_fits(modules, shapes, f"--lora {lora}", str(model_cfg.pretrained_model_name_or_path))
         try:
             pipe.load_lora_weights(str(file.parent), weight_name=file.name)

@@ -14,11 +14,10 @@ def run_validation(run, step: int) -> dict[str, float]:
     from tqdm.auto import tqdm
 
     cfg, accelerator = run.config, run.accelerator
-    text_encoder = run.text_encoder if run.text_encoder is not None else run.parts.text_encoder
-    pipe = build_pipeline(run.parts.tokenizer, accelerator.unwrap_model(text_encoder), run.parts.vae,
-                          accelerator.unwrap_model(run.unet), run.parts.noise_scheduler.config)
-    pipe.unet.eval()  # no LoRA dropout while sampling; the loop sets train() again
-    pipe.text_encoder.eval()
+    encoders = tuple(accelerator.unwrap_model(t) for t in run.encoders)
+    pipe = build_pipeline(run.parts, accelerator.unwrap_model(run.unet), encoders)
+    for model in (pipe.unet, *encoders):
+        model.eval()  # no LoRA dropout while sampling; the loop sets train() again
     seeds = list(range(cfg.train.seed, cfg.train.seed + cfg.validation.num_validation_images))
     rows, logs = [], {}
     for i, prompt in enumerate(cfg.validation.validation_prompt):

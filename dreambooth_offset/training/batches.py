@@ -13,34 +13,38 @@ import torch
 from torch import Tensor
 
 from dreambooth_offset.config import DataConfig
-from dreambooth_offset.training.data import Example, crop_is_random, draw_examples, epoch_indices, stack_pixels
-from dreambooth_offset.training.models import encode_prompts, latent_distribution, sample_latents, tokenize
+from dreambooth_offset.training.data import (Example, crop_is_random, crop_top_left, draw_examples, epoch_indices,
+                                             stack_pixels)
+from dreambooth_offset.training.family import Conditioning, encode_prompts, time_ids, tokenize
+from dreambooth_offset.training.models import latent_distribution, sample_latents
 
 STREAMS = {"instance": 0, "class": 1}
 
 
 class Batch(NamedTuple):
     latents: Tensor  # (B, C, h, w), scaled by the VAE's scaling_factor
-    input_ids: Tensor  # (B, L) token ids, used when the text encoder trains
-    encoder_hidden_states: Tensor | None  # (B, L, D) when the text encoder is frozen
+    input_ids: Tensor  # (B, L) token ids (SDXL: (B, 2, L)), used when a text encoder trains
+    conditioning: Conditioning | None  # the encoders' output when they are all frozen
     num_instance: int  # rows [0, num_instance) are instance rows, the rest class rows
+    time_ids: Tensor | None = None  # SDXL: (B, 6) original size, crop top-left, target size per row
 
 
 class BatchSource:
     def __init__(self, images: dict[str, list[Tensor]], captions: dict[str, list[str]], cfg: DataConfig,
-                 tokenizer, text_encoder, vae, train_text_encoder: bool, seed: int, process_index: int,
-                 num_processes: int):
+                 parts, train_text_encoder: bool, seed: int, process_index: int, num_processes: int,
+                 sizes: dict[str, list[tuple[int, int]]] | None = None):
         """`captions[source][i]` is the caption of `images[source][i]`; each distinct caption is
-        tokenized (and, with a frozen text encoder, encoded) once."""
-        self.images, self.cfg, self.vae, self.seed = images, cfg, vae, seed
+        tokenized (and, with frozen text encoders, encoded) once. `sizes[source][i]` is the
+        image's original (height, width); given (SDXL), every batch carries its rows' time ids."""
+        self.images, self.cfg, self.vae, self.seed, self.sizes = images, cfg, parts.vae, seed, sizes
         self.process_index, self.num_processes = process_index, num_processes
         row_of = {c: i for i, c in enumerate(dict.fromkeys(c for caps in captions.values() for c in caps))}
         self.caption_row = {src: [row_of[c] for c in caps] for src, caps in captions.items()}
-        self.input_ids = tokenize(tokenizer, list(row_of))
+        self.input_ids = tokenize(parts.tokenizers, list(row_of))
         self.embeddings = None
-        if not train_text_encoder:  # a frozen encoder gives the same context every step
+        if not train_text_encoder:  # frozen encoders give the same context every step
             with torch.no_grad():
-                self.embeddings = encode_prompts(text_encoder, self.input_ids)
+                self.embeddings = encode_prompts(parts.text_encoders, self.input_ids)
         self.cache = None if any(crop_is_random(imgs, cfg.resolution, cfg.center_crop) for imgs in images.values()) else {}
 
     def _posterior(self, examples: list[Example]) -> tuple[Tensor, Tensor]:
@@ -67,5 +71,14 @@ class BatchSource:
         mean, std = self._posterior(examples)
         latents = sample_latents(mean, std, self.vae.config, generator)
         rows = torch.tensor([self.caption_row[e.source][e.index] for e in examples])
-        context = None if self.embeddings is None else self.embeddings[rows]
-        return Batch(latents, self.input_ids[rows], context, sum(e.source == "instance" for e in examples))
+        context = None if self.embeddings is None else self.embeddings.rows(rows)
+        return Batch(latents, self.input_ids[rows], context, sum(e.source == "instance" for e in examples),
+                     self._time_ids(examples))
+
+    def _time_ids(self, examples: list[Example]) -> Tensor | None:
+        if self.sizes is None:
+            return None
+        res = self.cfg.resolution
+        return torch.stack([time_ids(self.sizes[e.source][e.index],
+                                     crop_top_left(e, self.images[e.source][e.index].shape[2], res), (res, res))
+                            for e in examples])

@@ -112,7 +112,7 @@ def load_trainer_state(directory: Path, generator: torch.Generator, process_inde
     return int(state["step"])
 
 
-def register_lora_hooks(accelerator, unet, text_encoder=None) -> None:
+def register_lora_hooks(accelerator, unet, text_encoder=None, text_encoder_2=None) -> None:
     """Make `accelerator.save_state/load_state` skip the models (the frozen base comes from the
     pretrained folder) and restore the LoRA from the checkpoint's LoRA file, which
     `save_checkpoint` writes in the same format as the final output."""
@@ -130,8 +130,9 @@ def register_lora_hooks(accelerator, unet, text_encoder=None) -> None:
         state, _ = StableDiffusionPipeline.lora_state_dict(input_dir, weight_name=LORA_WEIGHT_NAME)
         unet_state = {k[len("unet.") :]: v for k, v in state.items() if k.startswith("unet.")}
         set_peft_model_state_dict(accelerator.unwrap_model(unet), convert_unet_state_dict_to_peft(unet_state))
-        if text_encoder is not None:
-            set_text_encoder_lora(state, accelerator.unwrap_model(text_encoder))
+        for prefix, encoder in (("text_encoder.", text_encoder), ("text_encoder_2.", text_encoder_2)):
+            if encoder is not None:
+                set_text_encoder_lora(state, accelerator.unwrap_model(encoder), prefix)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

@@ -97,6 +97,27 @@ def load_resized(paths: list[Path], resolution: int) -> list[Tensor]:
     return out
 
 
+def original_sizes(paths: list[Path]) -> list[tuple[int, int]]:
+    """(height, width) of each image file as it is shown (EXIF orientation applied), read from its
+    header: SDXL's `original_size` conditioning."""
+    sizes = []
+    for path in paths:
+        with Image.open(path) as img:
+            width, height = img.size
+            if img.getexif().get(0x0112) in (5, 6, 7, 8):  # the orientations that turn it by 90 degrees
+                width, height = height, width
+        sizes.append((height, width))
+    return sizes
+
+
+def crop_top_left(example: Example, width: int, resolution: int) -> tuple[int, int]:
+    """Where the crop of `example` starts in its resized image of `width` pixels, as SDXL's
+    conditioning counts it: diffusers' SDXL scripts flip before cropping, so a flipped crop's left
+    edge is measured in the mirrored image."""
+    left = width - example.left - resolution if example.flip else example.left
+    return example.top, left
+
+
 def crop_is_random(images: list[Tensor], resolution: int, center_crop: bool) -> bool:
     return not center_crop and any(img.shape[1:] != (resolution, resolution) for img in images)
 

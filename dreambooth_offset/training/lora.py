@@ -27,11 +27,11 @@ def _lora_config(cfg: AdapterConfig, target_modules: tuple[str, ...]):
     )
 
 
-def add_adapters(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, cfg: AdapterConfig) -> None:
-    """Add LoRA to the UNet (and the text encoder when given). Only the LoRA parameters train."""
+def add_adapters(unet: torch.nn.Module, cfg: AdapterConfig, *text_encoders: torch.nn.Module | None) -> None:
+    """Add LoRA to the UNet (and each text encoder given). Only the LoRA parameters train."""
     for model, targets, flag in (
         (unet, cfg.unet_target_modules, "unet_target_modules"),
-        (text_encoder, cfg.text_encoder_target_modules, "text_encoder_target_modules"),
+        *((t, cfg.text_encoder_target_modules, "text_encoder_target_modules") for t in text_encoders),
     ):
         if model is None:
             continue
@@ -44,8 +44,9 @@ def add_adapters(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, cf
 @contextmanager
 def adapters_off(*models: torch.nn.Module | None) -> Iterator[None]:
     """The base models inside the block: every adapter of `models` (peft's, unwrapped from DDP)
-    switched off, and on again after it."""
+    switched off, and on again after it. Models without adapters (frozen encoders) are passed over."""
     plain = [getattr(m, "module", m) for m in models if m is not None]
+    plain = [m for m in plain if getattr(m, "peft_config", None)]
     for model in plain:
         model.disable_adapters()
     try:
@@ -59,8 +60,9 @@ def trainable_parameters(*models: torch.nn.Module | None) -> list[torch.nn.Param
     return [p for m in models if m is not None for p in m.parameters() if p.requires_grad]
 
 
-def lora_state_dicts(unet, text_encoder=None) -> tuple[dict, dict | None]:
-    """The adapters' weights with peft's key names (`...to_q.lora_A.weight`), on CPU, fp32.
+def adapter_state(model) -> dict | None:
+    """A model's adapter weights with peft's key names (`...to_q.lora_A.weight`), on CPU, fp32;
+    None for None.
 
     Not passed through `convert_state_dict_to_diffusers`: it renames attention keys to the old
     `lora.down` style but leaves conv keys as `lora_A`, and diffusers' loader cannot read the mix.
@@ -68,11 +70,15 @@ def lora_state_dicts(unet, text_encoder=None) -> tuple[dict, dict | None]:
     """
     from peft.utils import get_peft_model_state_dict
 
-    def collect(model):
-        state = get_peft_model_state_dict(model, save_embedding_layers=False)  # LoRA only, never embeddings
-        return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    if model is None:
+        return None
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)  # LoRA only, never embeddings
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
 
-    return collect(unet), (collect(text_encoder) if text_encoder is not None else None)
+
+def lora_state_dicts(unet, text_encoder=None) -> tuple[dict, dict | None]:
+    """`adapter_state` of the UNet and the (first) text encoder."""
+    return adapter_state(unet), adapter_state(text_encoder)
 
 
 def adapter_metadata(model) -> dict | None:
@@ -84,29 +90,37 @@ def adapter_metadata(model) -> dict | None:
 
 
 def write_diffusers_lora(directory: str | Path, unet_state: dict | None, text_encoder_state: dict | None = None,
-                         unet_metadata: dict | None = None, text_encoder_metadata: dict | None = None) -> Path:
+                         unet_metadata: dict | None = None, text_encoder_metadata: dict | None = None,
+                         text_encoder_2_state: dict | None = None, text_encoder_2_metadata: dict | None = None) -> Path:
     """Write `pytorch_lora_weights.safetensors` (what `load_lora_weights` reads) into `directory`
     atomically: diffusers writes into a temporary folder on the same file system, and the finished
     file replaces the old one with `os.replace`, so a crash never leaves a half-written file.
 
     The states are peft-named (`...to_q.lora_A.weight`); the metadata are LoraConfig dicts, which
-    diffusers stores in the file so that loading restores alpha and rank."""
-    from diffusers import StableDiffusionPipeline
+    diffusers stores in the file so that loading restores alpha and rank. SDXL's second text
+    encoder goes under `text_encoder_2.`; the other keys are the same for both families."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    second = {}
+    if text_encoder_2_state:
+        second = {"text_encoder_2_lora_layers": text_encoder_2_state,
+                  "text_encoder_2_lora_adapter_metadata": text_encoder_2_metadata}
+    saver = StableDiffusionXLPipeline if second else StableDiffusionPipeline
     with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-lora-") as tmp:
-        StableDiffusionPipeline.save_lora_weights(
+        saver.save_lora_weights(
             tmp, unet_lora_layers=unet_state, text_encoder_lora_layers=text_encoder_state,
             unet_lora_adapter_metadata=unet_metadata, text_encoder_lora_adapter_metadata=text_encoder_metadata,
-            safe_serialization=True,
+            safe_serialization=True, **second,
         )
         target = directory / LORA_WEIGHT_NAME
         os.replace(Path(tmp) / LORA_WEIGHT_NAME, target)
     return target
 
 
-def save_lora(directory: str | Path, unet, text_encoder=None) -> Path:
-    """The adapters of `unet` (and `text_encoder`) as the diffusers LoRA file in `directory`."""
+def save_lora(directory: str | Path, unet, text_encoder=None, text_encoder_2=None) -> Path:
+    """The adapters of `unet` (and the text encoders given) as the diffusers LoRA file in `directory`."""
     return write_diffusers_lora(directory, *lora_state_dicts(unet, text_encoder), adapter_metadata(unet),
-                                adapter_metadata(text_encoder))
+                                adapter_metadata(text_encoder), adapter_state(text_encoder_2),
+                                adapter_metadata(text_encoder_2))

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from dreambooth_offset.config import ModelConfig
 from dreambooth_offset.errors import UsageError
+from dreambooth_offset.training.family import SD, SDXL, family_of
 
 
 class SDParts(NamedTuple):
@@ -17,6 +18,20 @@ class SDParts(NamedTuple):
     vae: torch.nn.Module
     unet: torch.nn.Module
     noise_scheduler: object
+    tokenizer_2: object = None  # SDXL's second tokenizer and text encoder (with projection)
+    text_encoder_2: torch.nn.Module | None = None
+
+    @property
+    def family(self) -> str:
+        return SDXL if self.text_encoder_2 is not None else SD
+
+    @property
+    def tokenizers(self) -> tuple:
+        return tuple(t for t in (self.tokenizer, self.tokenizer_2) if t is not None)
+
+    @property
+    def text_encoders(self) -> tuple[torch.nn.Module, ...]:
+        return tuple(t for t in (self.text_encoder, self.text_encoder_2) if t is not None)
 
 
 def resolve_model_path(cfg: ModelConfig) -> str:
@@ -24,18 +39,25 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     name = cfg.pretrained_model_name_or_path
     if not name:
         raise UsageError("--pretrained_model_name_or_path is required (a diffusers folder or a cached hub id)")
+    root = resolve_local(name, cfg.revision, "model folder")
+    path = Path(root)
+    if not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
+        raise UsageError(f"{name} is not a diffusers Stable Diffusion folder (no model_index.json or unet/)")
+    return root
+
+
+def resolve_local(name: str, revision: str | None, what: str) -> str:
+    """A local folder as given, or a hub id's snapshot in the local cache; `what` names it in errors."""
     path = Path(name).expanduser()
     if path.exists():
-        if not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
-            raise UsageError(f"{name} is not a diffusers Stable Diffusion folder (no model_index.json or unet/)")
         return str(path)
     if path.is_absolute() or name.startswith((".", "~")) or name.count("/") != 1:
-        raise UsageError(f"model folder {name} does not exist")
+        raise UsageError(f"{what} {name} does not exist")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return snapshot_download(name, revision=cfg.revision, local_files_only=True)
+        return snapshot_download(name, revision=revision, local_files_only=True)
     except (LocalEntryNotFoundError, OSError, ValueError):
         raise UsageError(
             f"{name} is neither a local folder nor in the local hub cache; "
@@ -66,41 +88,44 @@ def training_scheduler(scheduler_config, zero_terminal_snr: bool = False, predic
 
 
 def load_parts(cfg: ModelConfig, zero_terminal_snr: bool = False, prediction_type: str | None = None) -> SDParts:
-    """Tokenizer, text encoder, VAE, UNet and the DDPM training scheduler, from local files only.
+    """Tokenizer(s), text encoder(s), VAE, UNet and the DDPM training scheduler, from local files
+    only; SDXL's second tokenizer and encoder when the folder is SDXL (`family.family_of`).
 
     `zero_terminal_snr` / `prediction_type` adjust the scheduler (`training_scheduler`)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     root = resolve_model_path(cfg)
     # safetensors only: a folder that has only pickled weights (.bin) is refused, never unpickled
     weights = {"local_files_only": True, "variant": cfg.variant, "use_safetensors": True}
+    name = cfg.pretrained_model_name_or_path
     try:
         tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True)
         noise_scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
         text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **weights)
-        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **weights)
+        second = {}
+        if family_of(root) == SDXL:
+            second = {"tokenizer_2": CLIPTokenizer.from_pretrained(root, subfolder="tokenizer_2", local_files_only=True),
+                      "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
+                          root, subfolder="text_encoder_2", **weights)}
         unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", **weights)
+        if cfg.pretrained_vae_model_name_or_path:
+            name = cfg.pretrained_vae_model_name_or_path
+            vae_root = resolve_local(name, None, "--pretrained_vae_model_name_or_path")
+            vae = AutoencoderKL.from_pretrained(vae_root, **{**weights, "variant": None})
+        else:
+            vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **weights)
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"cannot load {cfg.pretrained_model_name_or_path}: {first_line}") from None
-    for module in (text_encoder, vae, unet):
+        raise UsageError(f"cannot load {name}: {first_line}") from None
+    parts = SDParts(tokenizer, text_encoder, vae, unet, noise_scheduler, **second)
+    for module in (vae, unet, *parts.text_encoders):
         module.requires_grad_(False)
         module.eval()
     if zero_terminal_snr or prediction_type is not None:
-        noise_scheduler = training_scheduler(noise_scheduler.config, zero_terminal_snr, prediction_type)
-    return SDParts(tokenizer, text_encoder, vae, unet, noise_scheduler)
-
-
-def tokenize(tokenizer, prompts: list[str]) -> Tensor:
-    return tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-
-
-def encode_prompts(text_encoder: torch.nn.Module, input_ids: Tensor) -> Tensor:
-    """Last hidden state of the CLIP text encoder: the UNet's cross-attention context."""
-    return text_encoder(input_ids.to(text_encoder.device))[0]
+        parts = parts._replace(noise_scheduler=training_scheduler(noise_scheduler.config, zero_terminal_snr,
+                                                                  prediction_type))
+    return parts
 
 
 def latent_distribution(vae: torch.nn.Module, pixels: Tensor) -> tuple[Tensor, Tensor]:

@@ -21,7 +21,7 @@ def write_lora_files(directory: Path, run, step: int) -> Path:
     cfg, accelerator, scheduler = run.config, run.accelerator, run.parts.noise_scheduler
     unet = accelerator.unwrap_model(run.unet)
     text_encoder = run.text_encoder and accelerator.unwrap_model(run.text_encoder)
-    path = save_lora(directory, unet, text_encoder)
+    path = save_lora(directory, unet, text_encoder, run.text_encoder_2 and accelerator.unwrap_model(run.text_encoder_2))
     base = base_for(unet.config.cross_attention_dim, scheduler.config.prediction_type)
     if base is not None:
         name = cfg.train.output_name or Path(cfg.train.output_dir).resolve().name

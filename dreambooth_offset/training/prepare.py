@@ -18,7 +18,8 @@ from dreambooth_offset.noise.auto import AutoOffset, describe
 from dreambooth_offset.training import checkpoint
 from dreambooth_offset.training.auto_offset import RECORD_NAME, resolve_auto_offset, write_record
 from dreambooth_offset.training.batches import BatchSource
-from dreambooth_offset.training.data import find_images, load_resized, read_captions
+from dreambooth_offset.training.data import find_images, load_resized, original_sizes, read_captions
+from dreambooth_offset.training.family import DEFAULT_NOISE_OFFSET, SDXL
 from dreambooth_offset.training.lora import add_adapters, trainable_parameters
 from dreambooth_offset.training.models import SDParts, load_parts, native_resolution, training_scheduler
 from dreambooth_offset.training.optim import make_lr_scheduler, make_optimizer
@@ -86,6 +87,7 @@ class Run:
     parts: SDParts  # the frozen parts; noise_scheduler is the training one
     unet: torch.nn.Module  # with LoRA, prepared by accelerate
     text_encoder: torch.nn.Module | None  # with LoRA when it trains, else None
+    text_encoder_2: torch.nn.Module | None  # SDXL's second encoder, likewise
     params: list[torch.nn.Parameter]  # the trainable (LoRA) parameters
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
@@ -100,7 +102,13 @@ class Run:
 
     @property
     def trained(self) -> list[torch.nn.Module]:
-        return [m for m in (self.unet, self.text_encoder) if m is not None]
+        return [m for m in (self.unet, self.text_encoder, self.text_encoder_2) if m is not None]
+
+    @property
+    def encoders(self) -> tuple[torch.nn.Module, ...]:
+        """Each text encoder as training runs it: the prepared one where it trains, else the frozen one."""
+        trained = (self.text_encoder, self.text_encoder_2)
+        return tuple(t if t is not None else frozen for t, frozen in zip(trained, self.parts.text_encoders))
 
 
 def prepare(cfg: RunConfig, resources: ExitStack | None = None) -> Run:
@@ -118,34 +126,53 @@ def prepare(cfg: RunConfig, resources: ExitStack | None = None) -> Run:
     set_seed(cfg.train.seed)  # peft's LoRA init and dropout use torch's global RNG
     generator = torch.Generator().manual_seed(cfg.train.seed + 1_000_003 * accelerator.process_index)
     parts = load_parts(cfg.model)
-    resolution = cfg.data.resolution or native_resolution(parts.unet.config, parts.vae.config)
-    config = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, resolution=resolution))
-    images, captions = load_data(config, parts, accelerator, inputs.instance_images)
+    config = resolve_for_model(cfg, parts)
+    images, captions, sizes = load_data(config, parts, accelerator, inputs.instance_images)
     if config.noise.zero_terminal_snr or config.loss.prediction_type is not None:  # after the class images
         parts = parts._replace(noise_scheduler=training_scheduler(
             parts.noise_scheduler.config, config.noise.zero_terminal_snr, config.loss.prediction_type))
-    for module in (parts.unet, parts.vae, parts.text_encoder):
+    for module in (parts.unet, parts.vae, *parts.text_encoders):
         module.to(accelerator.device)
-        if config.train.mixed_precision != "no":  # casting fp32 to fp32 would only make diffusers warn
+        upcast = module is parts.vae and parts.vae.config.get("force_upcast", False)  # SDXL's VAE overflows in fp16
+        if config.train.mixed_precision != "no" and not upcast:  # casting fp32 to fp32 would only make diffusers warn
             module.to(dtype=WEIGHT_DTYPES[config.train.mixed_precision])
     config, auto, channel_means = resolve_auto_offset(config, parts.vae, parts.noise_scheduler, images)
     if auto is not None:
         accelerator.print(describe(auto))
         if accelerator.is_main_process:
             write_record(Path(config.train.output_dir) / RECORD_NAME, auto, channel_means)
-    unet, text_encoder, params, optimizer, lr_scheduler = make_trainable(config, parts, accelerator)
-    batches = BatchSource(images, captions, config.data, parts.tokenizer, parts.text_encoder, parts.vae,
-                          config.adapter.train_text_encoder, config.train.seed, accelerator.process_index,
-                          accelerator.num_processes)
-    run = Run(config, accelerator, generator, parts, unet, text_encoder, params, optimizer, lr_scheduler, batches,
+    unet, text_encoders, params, optimizer, lr_scheduler = make_trainable(config, parts, accelerator)
+    batches = BatchSource(images, captions, config.data, parts, any(t is not None for t in text_encoders),
+                          config.train.seed, accelerator.process_index, accelerator.num_processes,
+                          sizes if parts.family == SDXL else None)
+    run = Run(config, accelerator, generator, parts, unet, *text_encoders, params, optimizer, lr_scheduler, batches,
               auto, 0, started)
     run.first_step = start_step(run, inputs.resume)
     return run
 
 
+def resolve_for_model(cfg: RunConfig, parts: SDParts) -> RunConfig:
+    """The config with what the model decides filled in: the resolution (the model's native one
+    unless given), the noise offset (the family's default unless given) and, for SDXL, whether its
+    second text encoder trains."""
+    resolution = cfg.data.resolution or native_resolution(parts.unet.config, parts.vae.config)
+    noise = cfg.noise
+    if noise.noise_offset is None:
+        noise = dataclasses.replace(noise, noise_offset=DEFAULT_NOISE_OFFSET[parts.family])
+    adapter = cfg.adapter
+    if parts.family == SDXL and adapter.train_text_encoder_2 is None:
+        adapter = dataclasses.replace(adapter, train_text_encoder_2=adapter.train_text_encoder)
+    elif parts.family != SDXL and adapter.train_text_encoder_2:
+        raise UsageError(f"--train_text_encoder_2: {cfg.model.pretrained_model_name_or_path} has one text encoder "
+                         "(SDXL has two); use --train_text_encoder")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, resolution=resolution), noise=noise,
+                               adapter=adapter)
+
+
 def load_data(cfg: RunConfig, parts: SDParts, accelerator, instance_images: list[Path]):
-    """(images, captions) per source ("instance", and "class" with prior preservation, whose
-    missing images the base generates first): uint8 tensors resized for `cfg.data.resolution`."""
+    """(images, captions, original sizes) per source ("instance", and "class" with prior
+    preservation, whose missing images the base generates first): uint8 tensors resized for
+    `cfg.data.resolution`, and each file's (height, width)."""
     from dreambooth_offset.sampling.class_images import ensure_class_images
 
     paths = {"instance": instance_images}
@@ -154,10 +181,11 @@ def load_data(cfg: RunConfig, parts: SDParts, accelerator, instance_images: list
         paths["class"] = ensure_class_images(parts, cfg, accelerator)
     images = {src: load_resized(p, cfg.data.resolution) for src, p in paths.items()}
     captions = {src: read_captions(p, cfg.data.caption_extension, prompts[src]) for src, p in paths.items()}
+    sizes = {src: original_sizes(p) for src, p in paths.items()}
     if accelerator.is_main_process:
         for src, p in paths.items():
             warn_long_captions(p, captions[src], cfg.data.caption_extension, f"--{src}_prompt", parts.tokenizer)
-    return images, captions
+    return images, captions, sizes
 
 
 def warn_long_captions(paths: list[Path], captions: list[str], extension: str, prompt_flag: str, tokenizer) -> None:
@@ -177,28 +205,30 @@ def warn_long_captions(paths: list[Path], captions: list[str], extension: str, p
 
 
 def make_trainable(cfg: RunConfig, parts: SDParts, accelerator):
-    """LoRA on the UNet (and text encoder), fp32 LoRA weights, optimizer and schedule, all
-    prepared by accelerate: (unet, text_encoder or None, params, optimizer, lr_scheduler)."""
+    """LoRA on the UNet (and text encoders), fp32 LoRA weights, optimizer and schedule, all
+    prepared by accelerate: (unet, (text_encoder or None, text_encoder_2 or None), params,
+    optimizer, lr_scheduler)."""
     from diffusers.training_utils import cast_training_params
 
     unet = parts.unet
-    text_encoder = parts.text_encoder if cfg.adapter.train_text_encoder else None
-    add_adapters(unet, text_encoder, cfg.adapter)
-    trained = [m for m in (unet, text_encoder) if m is not None]
+    text_encoders = (parts.text_encoder if cfg.adapter.train_text_encoder else None,
+                     parts.text_encoder_2 if cfg.adapter.train_text_encoder_2 else None)
+    add_adapters(unet, cfg.adapter, *text_encoders)
+    trained = [m for m in (unet, *text_encoders) if m is not None]
     cast_training_params(trained, dtype=torch.float32)  # LoRA weights train in fp32 under fp16/bf16
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if text_encoder is not None:
-            text_encoder.gradient_checkpointing_enable()
+        for encoder in trained[1:]:
+            encoder.gradient_checkpointing_enable()
     params = trainable_parameters(*trained)
     optimizer = make_optimizer(params, cfg.optim)
     lr_scheduler = make_lr_scheduler(optimizer, cfg.optim, cfg.train, accelerator.num_processes)
-    if text_encoder is not None:
-        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
-    else:
-        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    checkpoint.register_lora_hooks(accelerator, unet, text_encoder)
-    return unet, text_encoder, params, optimizer, lr_scheduler
+    prepared = iter(accelerator.prepare(*trained, optimizer, lr_scheduler))
+    unet = next(prepared)
+    text_encoders = tuple(None if t is None else next(prepared) for t in text_encoders)
+    optimizer, lr_scheduler = next(prepared), next(prepared)
+    checkpoint.register_lora_hooks(accelerator, unet, *text_encoders)
+    return unet, text_encoders, params, optimizer, lr_scheduler
 
 
 def start_step(run: Run, resume: Path | None) -> int:
@@ -206,6 +236,7 @@ def start_step(run: Run, resume: Path | None) -> int:
     the step to start from."""
     accelerator, first_step = run.accelerator, 0
     if resume is not None:
+        checkpoint.check_resumable(resume, run.config)  # again, with what the model resolved
         first_step = checkpoint.load_checkpoint(accelerator, resume, run.generator)
         accelerator.print(f"resumed from {resume} at step {first_step}")
     elif run.config.train.resume_from_checkpoint == "latest":

@@ -12,30 +12,30 @@ from dreambooth_offset.noise.noise import perturb_input_noise, sample_noise, tra
 from dreambooth_offset.noise.objective import Loss, dreambooth_loss, huber_threshold, min_snr_weights, training_target
 from dreambooth_offset.training.batches import Batch
 from dreambooth_offset.training.checkpoint import list_checkpoints
+from dreambooth_offset.training.family import encode_prompts, predict
 from dreambooth_offset.training.lora import adapters_off
-from dreambooth_offset.training.models import encode_prompts
 
 
-def train_step(unet, text_encoder, noise_scheduler, batch: Batch, cfg: RunConfig, generator: torch.Generator,
+def train_step(unet, text_encoders, noise_scheduler, batch: Batch, cfg: RunConfig, generator: torch.Generator,
                step: int = 0) -> Loss:
     """Noise the latents at random timesteps and regress the UNet on the scheduler's target.
 
     `step` (0-based optimizer step) drives noise_offset_schedule. Input perturbation changes the
     UNet's input only; the target is built from the clean `noise` (docs/science.md, 'Offset noise
-    and its variants')."""
+    and its variants'). `text_encoders` encode the prompts when the batch has no cached conditioning."""
     latents = batch.latents
     noise = sample_noise(latents, cfg.noise, generator, training_progress(step, cfg.train.max_train_steps))
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
     timesteps = timesteps.to(latents.device)
     noisy_latents = noise_scheduler.add_noise(latents, perturb_input_noise(noise, cfg.noise, generator), timesteps)
-    context = batch.encoder_hidden_states
-    if context is None:
-        context = encode_prompts(text_encoder, batch.input_ids)
-    model_pred = unet(noisy_latents, timesteps, context.to(latents.device)).sample
+    cond = batch.conditioning
+    if cond is None:
+        cond = encode_prompts(text_encoders, batch.input_ids)
+    model_pred = predict(unet, noisy_latents, timesteps, cond.to(latents.device), batch.time_ids)
     target = training_target(noise_scheduler, latents, noise, timesteps)
     n = batch.num_instance
     if cfg.data.prior_preservation == "prediction" and n < latents.shape[0]:
-        target = torch.cat([target[:n], base_prediction(unet, text_encoder, noisy_latents[n:], timesteps[n:],
+        target = torch.cat([target[:n], base_prediction(unet, text_encoders, noisy_latents[n:], timesteps[n:],
                                                          batch, n).to(target)])
     weights = min_snr_weights(noise_scheduler, timesteps, cfg.loss.snr_gamma) if cfg.loss.snr_gamma else None
     huber_c = huber_threshold(noise_scheduler, timesteps, cfg.loss) if cfg.loss.loss_type != "l2" else None
@@ -44,13 +44,14 @@ def train_step(unet, text_encoder, noise_scheduler, batch: Batch, cfg: RunConfig
 
 
 @torch.no_grad()
-def base_prediction(unet, text_encoder, noisy_latents, timesteps, batch: Batch, first: int):
+def base_prediction(unet, text_encoders, noisy_latents, timesteps, batch: Batch, first: int):
     """What the base model (every LoRA off) predicts for rows `first:` of the batch at the same
     noisy input: the prior-preservation target of `prior_preservation = 'prediction'`."""
-    with adapters_off(unet, text_encoder):
-        context = batch.encoder_hidden_states
-        context = encode_prompts(text_encoder, batch.input_ids[first:]) if context is None else context[first:]
-        return unet(noisy_latents, timesteps, context.to(noisy_latents.device)).sample
+    with adapters_off(unet, *text_encoders):
+        cond = batch.conditioning
+        cond = encode_prompts(text_encoders, batch.input_ids[first:]) if cond is None else cond.rows(slice(first, None))
+        times = None if batch.time_ids is None else batch.time_ids[first:]
+        return predict(unet, noisy_latents, timesteps, cond.to(noisy_latents.device), times)
 
 
 def optimizer_step(run, step: int) -> tuple[Loss, float]:
@@ -64,7 +65,7 @@ def optimizer_step(run, step: int) -> tuple[Loss, float]:
     for micro in range(accum):
         with accelerator.accumulate(*run.trained):
             batch = run.batches(step * accum + micro, run.generator)
-            loss = train_step(run.unet, run.text_encoder, run.parts.noise_scheduler, batch, cfg, run.generator, step)
+            loss = train_step(run.unet, run.encoders, run.parts.noise_scheduler, batch, cfg, run.generator, step)
             total = loss.total.item()  # one host sync per micro-step, reused by the log
             if not math.isfinite(total):
                 last = list_checkpoints(run.output_dir)

@@ -30,7 +30,7 @@ class TrainResult:
     seconds: float
     lora_path: Path
     unet: torch.nn.Module  # the trained UNet with its LoRA, unwrapped from accelerate
-    text_encoder: torch.nn.Module  # with LoRA when --train_text_encoder, else the frozen base
+    text_encoders: tuple[torch.nn.Module, ...]  # each with LoRA where it trained, else the frozen base
     parts: object  # the loaded SDParts (tokenizer, vae, scheduler ...) for sampling after training
     steps_per_second: float  # the loop's rate after its first step (setup and warm-up left out)
     config: RunConfig  # the run's config as saved: the resolution and noise_offset 'auto' resolved
@@ -133,7 +133,7 @@ def finish(run: Run, first_done: float | None, loop_end: float) -> TrainResult:
     steps = cfg.train.max_train_steps - run.first_step
     rate = (steps - 1) / max(loop_end - (first_done or loop_end), 1e-9)
     result = TrainResult(steps, time.time() - run.started, lora_path, accelerator.unwrap_model(run.unet),
-                         accelerator.unwrap_model(run.text_encoder or run.parts.text_encoder), run.parts, rate, cfg)
+                         tuple(accelerator.unwrap_model(t) for t in run.encoders), run.parts, rate, cfg)
     logs = f"; logs: {out / 'logs'}" if cfg.train.report_to != "none" else ""
     accelerator.print(f"trained {result.steps} steps in {result.seconds:.1f} s; LoRA: {result.lora_path}; "
                       f"config: {out / CONFIG_NAME}{logs}")

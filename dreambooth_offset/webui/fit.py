@@ -18,7 +18,7 @@ def module_shapes(**models) -> dict[str, tuple[int, ...]]:
         for name, m in model.named_modules():
             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and "lora_" not in name:
                 path = name.replace(".base_layer", "")
-                path = canonical_text_encoder_path(path) if component == "text_encoder" else path
+                path = canonical_text_encoder_path(path) if component.startswith("text_encoder") else path
                 shapes[f"{component}.{path}"] = tuple(m.weight.shape)
     return shapes
 

@@ -30,7 +30,9 @@ def test_slope_is_fitted_within_channels():
     assert pooled_r2 < 0.5
 
 
-def test_report_files_and_schema(tiny_model, tmp_path, capsys):
+@pytest.mark.parametrize("family", ["tiny_model", "tiny_sdxl"])
+def test_report_files_and_schema(family, request, tmp_path, capsys):
+    tiny_model = request.getfixturevalue(family)
     out = tmp_path / "report"
     code = main(["experiment", "black-image", "--pretrained_model_name_or_path", str(tiny_model),
                  "--output_dir", str(out), "--seeds", "0", "--num_images", "2", "--num_inference_steps", "2",

@@ -82,11 +82,11 @@ def test_every_option_keeps_shape_dtype_determinism_and_inputs(name):
     assert not torch.equal(a, sample_noise(latents, cfg, _g(2), progress=0.3))
 
 
-def test_default_config_is_offset_noise_draw_for_draw():
+def test_offset_config_is_offset_noise_draw_for_draw():
     latents = torch.zeros(2, 4, 8, 8)
     g = _g(3)
     guttenberg = torch.randn((2, 4, 8, 8), generator=g) + 0.1 * torch.randn((2, 4, 1, 1), generator=g)
-    assert torch.equal(sample_noise(latents, NoiseConfig(), _g(3)), guttenberg)
+    assert torch.equal(sample_noise(latents, NoiseConfig(noise_offset=0.1), _g(3)), guttenberg)
     assert torch.equal(offset_noise(latents, 0.1, _g(3)), guttenberg)
 
 

@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -20,7 +21,9 @@ def test_luminance_statistics():
     assert grid.size == (8, 8)
 
 
-def test_generate_with_lora_saves_images_and_prints_luminance(tiny_model, instance_dir, tmp_path, capsys):
+@pytest.mark.parametrize("family", ["tiny_model", "tiny_sdxl"])
+def test_generate_with_lora_saves_images_and_prints_luminance(family, request, instance_dir, tmp_path, capsys):
+    tiny_model = request.getfixturevalue(family)
     assert main(flags(tiny_model, instance_dir, tmp_path / "lora", max_train_steps=2)) == 0
     out = tmp_path / "gen"
     code = main(["generate", "--pretrained_model_name_or_path", str(tiny_model), "--lora", str(tmp_path / "lora"),

@@ -16,19 +16,20 @@ SD = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_train_step_perturbs_the_input_and_regresses_on_the_clean_noise(prediction_type):
     from dreambooth_offset.training.batches import Batch
+    from dreambooth_offset.training.family import Conditioning
     from dreambooth_offset.training.step import train_step
 
     seen = {}
 
     class Probe(torch.nn.Module):  # a UNet that records its input and predicts 0
-        def forward(self, sample, timesteps, context):
+        def forward(self, sample, timesteps, context, added_cond_kwargs=None):
             seen["sample"], seen["timesteps"] = sample, timesteps
             return SimpleNamespace(sample=torch.zeros_like(sample))
 
     sched = training_scheduler(SD.config, prediction_type=prediction_type)
     cfg = load_config(None, {"noise_offset": 0.0, "ip_noise_gamma": 0.5, "max_train_steps": 1})
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    batch = Batch(latents, torch.zeros(2, 77, dtype=torch.long), torch.zeros(2, 77, 8), 2)
+    batch = Batch(latents, torch.zeros(2, 77, dtype=torch.long), Conditioning(torch.zeros(2, 77, 8)), 2)
     loss = train_step(Probe(), None, sched, batch, cfg, torch.Generator().manual_seed(0))
 
     g = torch.Generator().manual_seed(0)  # the same stream: noise, timesteps, then the perturbation
@@ -59,13 +60,13 @@ def test_prediction_prior_regresses_class_rows_on_the_base_with_the_lora_off(tin
     class rows' target is what a separately loaded base predicts, not what the LoRA does."""
     from diffusers import UNet2DConditionModel
 
-    from dreambooth_offset.training.models import encode_prompts
+    from dreambooth_offset.training.family import encode_prompts
     from dreambooth_offset.training.step import base_prediction, train_step
 
     run = _prepared(tiny_model, instance_dir, tmp_path, prior_preservation="prediction",
                     train_text_encoder=train_text_encoder)
     batch = run.batches(0, torch.Generator().manual_seed(0))
-    args = (run.unet, run.text_encoder, run.parts.noise_scheduler, batch)
+    args = (run.unet, run.encoders, run.parts.noise_scheduler, batch)
     loss = train_step(*args, run.config, torch.Generator().manual_seed(1))
     # not bit-exact: the two forwards see batches of 4 and 2 rows, so float32 sums round differently
     # (relative 1e-7 of unit outputs, squared: 1e-14)
@@ -79,15 +80,15 @@ def test_prediction_prior_regresses_class_rows_on_the_base_with_the_lora_off(tin
     noisy = torch.randn(batch.latents[n:].shape, generator=g)
     t = torch.tensor([10, 700])
     base = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").eval()
-    context = batch.encoder_hidden_states
-    if context is None:
-        context = encode_prompts(run.parts.text_encoder.__class__.from_pretrained(tiny_model, subfolder="text_encoder"),
-                                 batch.input_ids)
+    cond = batch.conditioning
     with torch.no_grad():
-        expected = base(noisy, t, context[n:]).sample
-        lora = run.unet(noisy, t, (context if batch.encoder_hidden_states is not None else
-                                   encode_prompts(run.text_encoder, batch.input_ids))[n:]).sample
-    got = base_prediction(run.unet, run.text_encoder, noisy, t, batch, n)
+        if cond is None:
+            base_encoder = run.parts.text_encoder.__class__.from_pretrained(tiny_model, subfolder="text_encoder")
+            cond = encode_prompts([base_encoder], batch.input_ids)
+        expected = base(noisy, t, cond.context[n:]).sample
+        lora_cond = batch.conditioning or encode_prompts(run.encoders, batch.input_ids)
+        lora = run.unet(noisy, t, lora_cond.context[n:]).sample
+    got = base_prediction(run.unet, run.encoders, noisy, t, batch, n)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)  # one model, two loads: float32 rounding
     assert not torch.allclose(got, lora, atol=1e-3)
     assert all(m.requires_grad for m in run.params)  # the adapters are back on and still train

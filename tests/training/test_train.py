@@ -41,7 +41,7 @@ def test_only_lora_parameters_change(tiny_model, instance_dir, tmp_path):
 
     result = train(overrides(tiny_model, instance_dir, tmp_path / "out", train_text_encoder=True))
     for trained, cls, sub in ((result.unet, UNet2DConditionModel, "unet"),
-                              (result.text_encoder, CLIPTextModel, "text_encoder"),
+                              (result.text_encoders[0], CLIPTextModel, "text_encoder"),
                               (result.parts.vae, AutoencoderKL, "vae")):
         base = cls.from_pretrained(tiny_model, subfolder=sub).state_dict()
         lora_changed = 0
@@ -90,7 +90,7 @@ def test_prior_preservation_generates_class_images(tiny_model, instance_dir, tmp
 
 
 def test_sidecar_captions_condition_their_own_images(tiny_model, tmp_path):
-    from dreambooth_offset.training.models import encode_prompts, tokenize
+    from dreambooth_offset.training.family import encode_prompts, tokenize
     from dreambooth_offset.training.prepare import prepare
     from tests.tiny import write_images
 
@@ -100,10 +100,11 @@ def test_sidecar_captions_condition_their_own_images(tiny_model, tmp_path):
     prepared = prepare(cfg)
     batch = prepared.batches(0, torch.Generator().manual_seed(0))  # batch 2 of 2 images: each once
     tokenizer, text_encoder = prepared.parts.tokenizer, prepared.parts.text_encoder
-    expected = tokenize(tokenizer, ["a photo of sks cat", "a photo of sks dog"])
+    expected = tokenize([tokenizer], ["a photo of sks cat", "a photo of sks dog"])
     assert sorted(map(tuple, batch.input_ids.tolist())) == sorted(map(tuple, expected.tolist()))
     with torch.no_grad():
-        assert torch.allclose(batch.encoder_hidden_states, encode_prompts(text_encoder, batch.input_ids), atol=1e-6)
+        assert torch.allclose(batch.conditioning.context, encode_prompts([text_encoder], batch.input_ids).context,
+                              atol=1e-6)
 
 
 def test_text_encoder_lora_is_saved_and_loads(tiny_model, instance_dir, tmp_path):
@@ -116,7 +117,7 @@ def test_text_encoder_lora_is_saved_and_loads(tiny_model, instance_dir, tmp_path
     pipe.load_lora_weights(tmp_path / "out")
     ids = pipe.tokenizer(["a photo of sks dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
-        torch.testing.assert_close(pipe.text_encoder(ids)[0], result.text_encoder.eval()(ids)[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pipe.text_encoder(ids)[0], result.text_encoders[0].eval()(ids)[0], atol=1e-5, rtol=1e-5)
 
 
 def test_optimizer_states(tiny_model, instance_dir, tmp_path):
@@ -128,7 +129,7 @@ def test_optimizer_states(tiny_model, instance_dir, tmp_path):
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
     unet.requires_grad_(False)
-    add_adapters(unet, None, AdapterConfig(rank=64, unet_target_modules=("conv1", "conv2", "to_q")))
+    add_adapters(unet, AdapterConfig(rank=64, unet_target_modules=("conv1", "conv2", "to_q")))
     params = trainable_parameters(unet)
     for name, dtype in (("adamw8bit", torch.uint8), ("adamw", torch.float32)):
         opt = make_optimizer(params, OptimConfig(optimizer=name))
