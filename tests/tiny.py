@@ -45,7 +45,9 @@ def build_pipeline_folder(folder: Path, seed: int = 0, cross_attention_dim: int 
 
 def build_sdxl_folder(folder: Path, seed: int = 0) -> Path:
     """A tiny SDXL: two CLIP text encoders (the second with a projection), a UNet that takes the
-    pooled text and the size/crop time ids (`text_time`), saved as an SDXL pipeline folder."""
+    pooled text and the size/crop time ids (`text_time`), saved as an SDXL pipeline folder. Its
+    UNet has SDXL 1.0's blocks (levels, attention depths 1/2/10) at tiny widths, so its LoRA
+    module names are SDXL's and its runs write WebUI files too."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -61,9 +63,10 @@ def build_sdxl_folder(folder: Path, seed: int = 0) -> Path:
                               pad_token_id=1, projection_dim=width)
 
     unet = UNet2DConditionModel(
-        block_out_channels=(8, 16), layers_per_block=1, sample_size=RESOLUTION // 2, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=sum(widths), norm_num_groups=2, attention_head_dim=2,
+        block_out_channels=(4, 8, 16), layers_per_block=2, sample_size=RESOLUTION // 2, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
+        use_linear_projection=True, cross_attention_dim=sum(widths), norm_num_groups=2, attention_head_dim=2,
         addition_embed_type="text_time", addition_time_embed_dim=time_dim,
         projection_class_embeddings_input_dim=6 * time_dim + widths[1],
     )

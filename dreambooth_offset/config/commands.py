@@ -16,7 +16,7 @@ from dreambooth_offset.config.sections import AdapterConfig, DataConfig, ModelCo
 from dreambooth_offset.errors import UsageError
 
 # The WebUI base models (webui/keys.py BASES holds their specs) and the tensor dtypes of `export`.
-WEBUI_BASES = ("sd_v1", "sd_v2", "sd_v2_v")
+WEBUI_BASES = ("sd_v1", "sd_v2", "sd_v2_v", "sdxl")
 EXPORT_DTYPES = ("same", "float32", "float16", "bfloat16")
 SAMPLERS = ("ddim", "dpm", "euler", "ddpm")
 BLACK_PROMPT = "A solid black image"

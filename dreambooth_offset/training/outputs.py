@@ -6,23 +6,24 @@ from pathlib import Path
 
 from dreambooth_offset.config import training_settings
 from dreambooth_offset.noise.auto import metadata as auto_metadata
-from dreambooth_offset.training.lora import lora_state_dicts, save_lora
+from dreambooth_offset.training.lora import adapter_state, save_lora
 from dreambooth_offset.training.models import model_name
-from dreambooth_offset.webui.keys import base_for
+from dreambooth_offset.webui.keys import base_for, layout_of
 from dreambooth_offset.webui.metadata import save_webui_lora, training_metadata
 
 
 def write_lora_files(directory: Path, run, step: int) -> Path:
     """The diffusers file, plus `<output_name>.safetensors` for the WebUIs when the base is SD 1.x/2.x
-    (a UNet of another width, such as the tiny test model's, gets the diffusers file only).
+    or has SDXL 1.0's blocks (an SD UNet of another width, such as the tiny SD test model's, or an
+    SDXL of other blocks, gets the diffusers file only).
 
     The WebUI metadata holds every noise and loss setting (`config.training_settings`, kohya's
     `ss_*` names where kohya has one) and, with noise_offset 'auto', what it chose."""
     cfg, accelerator, scheduler = run.config, run.accelerator, run.parts.noise_scheduler
     unet = accelerator.unwrap_model(run.unet)
-    text_encoder = run.text_encoder and accelerator.unwrap_model(run.text_encoder)
-    path = save_lora(directory, unet, text_encoder, run.text_encoder_2 and accelerator.unwrap_model(run.text_encoder_2))
-    base = base_for(unet.config.cross_attention_dim, scheduler.config.prediction_type)
+    encoders = [t and accelerator.unwrap_model(t) for t in (run.text_encoder, run.text_encoder_2)]
+    path = save_lora(directory, unet, *encoders)
+    base = base_for(unet.config.cross_attention_dim, scheduler.config.prediction_type, layout_of(unet.config))
     if base is not None:
         name = cfg.train.output_name or Path(cfg.train.output_dir).resolve().name
         metadata = training_metadata(
@@ -33,6 +34,6 @@ def write_lora_files(directory: Path, run, step: int) -> Path:
                    **auto_metadata(run.auto)},
             base_model_name=model_name(cfg.model.pretrained_model_name_or_path),
         )
-        save_webui_lora(directory / f"{name}.safetensors", *lora_state_dicts(unet, text_encoder),
-                        lora_alpha=cfg.adapter.alpha, rank=cfg.adapter.rank, metadata=metadata)
+        save_webui_lora(directory / f"{name}.safetensors", *map(adapter_state, (unet, *encoders)),
+                        lora_alpha=cfg.adapter.alpha, rank=cfg.adapter.rank, metadata=metadata, base=base)
     return path

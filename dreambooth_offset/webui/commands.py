@@ -31,9 +31,10 @@ def _summary(modules: convert.Modules) -> tuple[int, float]:
 def _base(args_base: str | None, metadata: Mapping[str, str], modules: convert.Modules) -> str | None:
     if args_base:
         return args_base
+    by_version = {b.version: name for name, b in BASES.items()}  # sdxl_base_v1-0 -> sdxl; SD's are the same
     version = metadata.get("ss_base_model_version")
-    if version in BASES:
-        return version
+    if version in by_version:
+        return by_version[version]
     return convert.infer_base(modules)
 
 
@@ -88,7 +89,7 @@ def run_export(cfg) -> int:
     out = Path(cfg.file.output)
     metadata = {**kept, **training_metadata(base=base, rank=rank, lora_alpha=alpha,
                                             output_name=cfg.train.output_name or out.stem)}
-    kohya = convert.modules_to_kohya(modules, convert.DTYPES[cfg.export.dtype])
+    kohya = convert.modules_to_kohya(modules, convert.DTYPES[cfg.export.dtype], base)
     sshs = write_webui_file(out, kohya, metadata)
     print(f"wrote {out}: {len(modules)} modules ({_counts(modules)}), rank {rank}, alpha {alpha:g}, "
           f"base {base}, sshs_model_hash {sshs[:12]}")
@@ -103,7 +104,7 @@ def run_import(cfg) -> int:
         raise UsageError(f"{source}: not a WebUI (kohya) LoRA; diffusers files load as they are")
     base = _base(cfg.file.base, metadata, modules)
     target = convert.save_diffusers_lora(output, modules)
-    kept = {**metadata, **({"ss_base_model_version": base} if base else {})}
+    kept = {**metadata, **({"ss_base_model_version": BASES[base].version} if base else {})}
     (Path(output) / SIDECAR).write_text(json.dumps(kept, indent=2, sort_keys=True))
     rank, alpha = _summary(modules)
     print(f"wrote {target}: {len(modules)} modules ({_counts(modules)}), rank {rank}, alpha {alpha:g}, "

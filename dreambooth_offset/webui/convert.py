@@ -22,11 +22,14 @@ import torch
 from dreambooth_offset.compat import kohya_to_diffusers
 from dreambooth_offset.errors import UsageError
 from dreambooth_offset.training.lora import LORA_WEIGHT_NAME, write_diffusers_lora
-from dreambooth_offset.webui.keys import canonical_text_encoder_path, infer_base as _infer_base, ldm_to_diffusers_names
+from dreambooth_offset.webui.keys import (
+    canonical_text_encoder_path, infer_base as _infer_base, ldm_to_diffusers_names, sgm_lora_name,
+)
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 KOHYA_PARTS = {"lora_down.weight", "lora_up.weight", "alpha"}
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # a diffusers LoRA file's key prefixes
 DTYPES = {"same": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -83,16 +86,16 @@ def read_lora_file(source: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
 
 
 def detect_format(tensors: Mapping[str, torch.Tensor], source) -> str:
-    """'kohya' (lora_unet_/lora_te_ keys) or 'diffusers' (unet./text_encoder. keys)."""
+    """'kohya' (lora_unet_/lora_te_/lora_te1_/lora_te2_ keys) or 'diffusers' (unet./text_encoder./
+    text_encoder_2. keys)."""
     if not tensors:
         raise UsageError(f"{source}: the file holds no tensors")
+    prefixes = tuple(c + "." for c in COMPONENTS)
     if all(k.startswith(KOHYA_PREFIXES) for k in tensors):
-        if any(k.startswith("lora_te2_") for k in tensors):
-            raise UsageError(f"{source}: an SDXL LoRA (lora_te2_ keys); only SD 1.x/2.x are supported so far")
         return "kohya"
-    if all(k.startswith(("unet.", "text_encoder.")) for k in tensors):
+    if all(k.startswith(prefixes) for k in tensors):
         return "diffusers"
-    odd = next(k for k in tensors if not k.startswith(KOHYA_PREFIXES + ("unet.", "text_encoder.")))
+    odd = next(k for k in tensors if not k.startswith(KOHYA_PREFIXES + prefixes))
     raise UsageError(f"{source}: unknown key {odd!r}; expected a diffusers LoRA (unet./text_encoder. keys) "
                      "or a WebUI one (lora_unet_/lora_te_ keys)")
 
@@ -164,7 +167,7 @@ def modules_from_peft(state: Mapping[str, torch.Tensor], component: str, config:
         _check_shapes(path, pair["A"], pair["B"], where)
         rank = pair["A"].shape[0]
         alpha = _scale(config or {}, path, rank, where) * rank
-        name = canonical_text_encoder_path(path) if component == "text_encoder" else path
+        name = canonical_text_encoder_path(path) if component.startswith("text_encoder") else path
         modules[f"{component}.{name}"] = LoraModule(pair["A"], pair["B"], alpha)
     return modules
 
@@ -173,7 +176,7 @@ def modules_from_diffusers(tensors: Mapping[str, torch.Tensor], adapter_meta: Ma
                            lora_alpha: float | None, source) -> Modules:
     """Modules of a diffusers LoRA file; alphas from its adapter metadata (or `lora_alpha`)."""
     modules = {}
-    for component in ("unet", "text_encoder"):
+    for component in COMPONENTS:
         prefix = component + "."
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         config = {k[len(prefix):]: v for k, v in (adapter_meta or {}).items() if k.startswith(prefix)}
@@ -184,8 +187,10 @@ def modules_from_diffusers(tensors: Mapping[str, torch.Tensor], adapter_meta: Ma
     return modules
 
 
-def modules_to_kohya(modules: Modules, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """kohya keys `lora_unet_...`/`lora_te_...` with `.lora_down.weight`, `.lora_up.weight`, `.alpha`."""
+def modules_to_kohya(modules: Modules, dtype: torch.dtype | None = None, base: str = "sd_v1") -> dict[str, torch.Tensor]:
+    """kohya keys with `.lora_down.weight`, `.lora_up.weight`, `.alpha`: `lora_unet_<diffusers
+    name>` / `lora_te_` for SD 1.x/2.x; for SDXL, `lora_unet_<SGM name>` / `lora_te1_` / `lora_te2_`,
+    as kohya's sd-scripts writes them (webui/keys.py)."""
     from diffusers.utils import convert_state_dict_to_kohya
 
     out = {}
@@ -193,8 +198,10 @@ def modules_to_kohya(modules: Modules, dtype: torch.dtype | None = None) -> dict
         part = convert_state_dict_to_kohya({f"{key}.lora_A.weight": m.down, f"{key}.lora_B.weight": m.up})
         for kohya_key, tensor in part.items():
             name, what = kohya_key.split(".", 1)
-            # diffusers spells the text encoder `lora_te1_` (SDXL's first one); SD 1.x/2.x files use `lora_te_`.
-            name = "lora_te_" + name[len("lora_te1_"):] if name.startswith("lora_te1_") else name
+            if base == "sdxl":
+                name = sgm_lora_name(key.split(".", 1)[1]) if key.startswith("unet.") else name
+            elif name.startswith("lora_te1_"):  # diffusers' spelling; SD 1.x/2.x files use `lora_te_`
+                name = "lora_te_" + name[len("lora_te1_"):]
             if what == "alpha":  # diffusers writes the rank here; the trained alpha goes in instead
                 out[f"{name}.alpha"] = torch.tensor(float(m.alpha))
             else:
@@ -210,8 +217,10 @@ def modules_from_kohya(tensors: Mapping[str, torch.Tensor], source) -> Modules:
         if what not in KOHYA_PARTS:
             raise UsageError(f"{source}: {key}: not a plain LoRA key (LoCon/LoHa/LoKr/DoRA parts are not supported)")
         grouped[name][what] = tensor
-    if any(re.match(r"lora_unet_(input_blocks|middle_block|output_blocks|time_embed|out)_", n) for n in grouped):
-        renames = ldm_to_diffusers_names()  # older files use the LDM UNet's names
+    ldm = [n for n in grouped if re.match(r"lora_unet_(input_blocks|middle_block|output_blocks|time_embed|label_emb|out)_", n)]
+    if ldm:  # SDXL files and older SD ones use the LDM/SGM UNet's names: the table that knows them all
+        tables = [ldm_to_diffusers_names(sdxl) for sdxl in (False, True)]
+        renames = next((t for t in tables if all(n in t for n in ldm)), tables[any(n.startswith("lora_te2_") for n in grouped)])
         grouped = defaultdict(dict, {renames.get(n, n): parts for n, parts in grouped.items()})
     modules = {}
     for name, parts in grouped.items():
@@ -234,14 +243,16 @@ def modules_from_kohya(tensors: Mapping[str, torch.Tensor], source) -> Modules:
 
 
 @functools.lru_cache(maxsize=None)
-def _clip_has_text_model_root() -> bool:
-    """Older transformers nest CLIPTextModel's layers under `text_model.`; newer ones do not."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _clip_has_text_model_root(component: str) -> bool:
+    """Older transformers nest CLIPTextModel's layers under `text_model.`; newer ones do not, but
+    still do for CLIPTextModelWithProjection (SDXL's `text_encoder_2`)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(hidden_size=8, intermediate_size=8, num_attention_heads=1, num_hidden_layers=1,
                             max_position_embeddings=4)
+    cls = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
     with torch.device("meta"):
-        return hasattr(CLIPTextModel(config), "text_model")
+        return hasattr(cls(config), "text_model")
 
 
 def lora_config_kwargs(modules: Mapping[str, LoraModule]) -> dict:
@@ -258,9 +269,9 @@ def lora_config_kwargs(modules: Mapping[str, LoraModule]) -> dict:
 def save_diffusers_lora(directory: str | Path, modules: Modules) -> Path:
     """Write `pytorch_lora_weights.safetensors` for load_lora_weights, with the alphas in its adapter metadata."""
     layers, configs = {}, {}
-    for component in ("unet", "text_encoder"):
+    for component in COMPONENTS:
         mine = {k.split(".", 1)[1]: m for k, m in modules.items() if k.startswith(component + ".")}
-        if component == "text_encoder" and not _clip_has_text_model_root():
+        if component != "unet" and not _clip_has_text_model_root(component):
             mine = {p.removeprefix("text_model."): m for p, m in mine.items()}
         if mine:
             state = {f"{p}.lora_{ab}.weight": t.contiguous() for p, m in mine.items() for ab, t in (("A", m.down), ("B", m.up))}
@@ -270,11 +281,14 @@ def save_diffusers_lora(directory: str | Path, modules: Modules) -> Path:
             layers[component] = state
             configs[component] = lora_config_kwargs(mine)
     return write_diffusers_lora(directory, layers.get("unet"), layers.get("text_encoder"), configs.get("unet"),
-                                configs.get("text_encoder"))
+                                configs.get("text_encoder"), layers.get("text_encoder_2"), configs.get("text_encoder_2"))
 
 
 def infer_base(modules: Modules) -> str | None:
-    """sd_v1 / sd_v2 from the widths the cross-attention keys/values and text encoder read, if any."""
+    """sdxl when it has text_encoder_2 or SGM-only modules (label_emb), else sd_v1 / sd_v2 from the
+    widths the cross-attention keys/values and text encoder read, if any."""
+    if any(k.startswith(("text_encoder_2.", "unet.add_embedding.")) for k in modules):
+        return "sdxl"
     dims = [m.down.shape[1] for k, m in modules.items()
             if k.endswith(("attn2.to_k", "attn2.to_v")) or (k.startswith("text_encoder.") and k.endswith(("_proj", "fc1")))]
     return _infer_base(dims)

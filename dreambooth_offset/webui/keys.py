@@ -11,7 +11,13 @@ The loader checks restate the documented rules of each loader in our own code:
   among the model's modules; a name it cannot convert is tried as `lora_unet_` -> `diffusion_model_`.
 - ComfyUI's `model_lora_keys_unet` / `model_lora_keys_clip` (Forge reuses them) accept
   `lora_unet_` + the diffusers or the LDM name of any UNet weight, and
-  `lora_te_text_model_encoder_layers_{i}_{mlp_fc1|mlp_fc2|self_attn_{q,k,v,out}_proj}`.
+  `lora_te_text_model_encoder_layers_{i}_{mlp_fc1|mlp_fc2|self_attn_{q,k,v,out}_proj}`
+  (`lora_te1_` / `lora_te2_` for SDXL's two encoders, both under Hugging Face CLIP names).
+- SDXL files name the UNet modules by the SGM (LDM) UNet, as kohya's sd-scripts writes them
+  (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`): A1111 only swaps `lora_unet_`
+  for `diffusion_model_` there, as its diffusers-name rules assume SD 1.x's block layout;
+  `lora_te1_text_model_` becomes `0_transformer_text_model_`, and `lora_te2_` names are renamed to
+  OpenCLIP's (`1_model_transformer_resblocks_{i}_...`, q/k/v into the fused `attn`).
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import functools
 import re
 from typing import Iterable, NamedTuple
 
-from dreambooth_offset.training.architectures import SD15_UNET_CONFIG
+from dreambooth_offset.training.architectures import SD15_UNET_CONFIG, SDXL_UNET_CONFIG
 
 
 class BaseModel(NamedTuple):
@@ -35,10 +41,38 @@ BASES = {
     "sd_v1": BaseModel("sd_v1", False, "stable-diffusion-v1", "epsilon", 512, 768),
     "sd_v2": BaseModel("sd_v2", True, "stable-diffusion-v2-512", "epsilon", 512, 1024),
     "sd_v2_v": BaseModel("sd_v2_v", True, "stable-diffusion-v2-768-v", "v", 768, 1024),
+    "sdxl": BaseModel("sdxl_base_v1-0", False, "stable-diffusion-xl-v1-base", "epsilon", 1024, 2048),
 }
 
 CLIP_LORA_MAP = ("mlp_fc1", "mlp_fc2", "self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj")
-TEXT_ENCODER_LAYERS = {"sd_v1": 12, "sd_v2": 24, "sd_v2_v": 24}  # as the WebUIs load them
+TEXT_ENCODER_LAYERS = {"sd_v1": 12, "sd_v2": 24, "sd_v2_v": 24, "sdxl": 12}  # as the WebUIs load them
+SDXL_TEXT_ENCODER_2 = (32, 1280)  # OpenCLIP ViT-bigG: layers, width
+
+
+class UNetLayout(NamedTuple):
+    """What a UNet's LDM/SGM module names depend on (not its widths)."""
+
+    layers_per_block: int
+    attention: tuple[bool, ...]  # per down level: has transformer blocks (the up levels mirror it)
+    depths: tuple[int, ...]  # transformer blocks per level
+    mid_depth: int
+    widens: tuple[bool, ...]  # per level: its first ResBlock changes the channel count
+    label_emb: bool  # SDXL's size/pooled-text embedding (add_embedding)
+
+
+def layout_of(config) -> UNetLayout:
+    """The layout of a diffusers UNet config (a dict or the model's FrozenDict)."""
+    get = config.get if hasattr(config, "get") else lambda k, d=None: getattr(config, k, d)
+    channels = tuple(get("block_out_channels"))
+    depth = get("transformer_layers_per_block", 1) or 1
+    depths = tuple(depth) if isinstance(depth, (list, tuple)) else (depth,) * len(channels)
+    return UNetLayout(
+        get("layers_per_block"), tuple("CrossAttn" in t for t in get("down_block_types")), depths, depths[-1],
+        tuple(i > 0 and channels[i - 1] != c for i, c in enumerate(channels)),
+        get("addition_embed_type") == "text_time")
+
+
+SD1_LAYOUT, SDXL_LAYOUT = layout_of(SD15_UNET_CONFIG), layout_of(SDXL_UNET_CONFIG)
 
 # LDM ResBlock names of diffusers' ResnetBlock2D parts (A1111's suffix_conversion).
 _RESNET_TO_LDM = {
@@ -47,24 +81,28 @@ _RESNET_TO_LDM = {
 }
 
 
-def a1111_module_name(lora_name: str, is_sd2: bool = False) -> str:
-    """The module name A1111 looks up for a kohya LoRA name; names without a rule come back as is."""
+def a1111_module_name(lora_name: str, is_sd2: bool = False, layout: UNetLayout = SD1_LAYOUT) -> str:
+    """The LDM/SGM module name of a kohya LoRA name in diffusers naming; names without a rule come
+    back as is. With SD 1.x's layout this is A1111's own renaming; with SDXL's, the SGM name that
+    kohya's sd-scripts writes for SDXL (`lora_unet_` + it, without `diffusion_model_`)."""
     def block(kind: str, rest: str) -> str:
         return _RESNET_TO_LDM.get(rest, rest) if kind == "resnets" else rest
 
+    n, levels = layout.layers_per_block + 1, len(layout.attention)
     rules = (
         (r"lora_unet_conv_in(.*)", lambda m: f"input_blocks_0_0{m[1]}"),
         (r"lora_unet_conv_out(.*)", lambda m: f"out_2{m[1]}"),
         (r"lora_unet_time_embedding_linear_(\d+)(.*)", lambda m: f"time_embed_{2 * int(m[1]) - 2}{m[2]}"),
+        (r"lora_unet_add_embedding_linear_(\d+)(.*)", lambda m: f"label_emb_0_{2 * int(m[1]) - 2}{m[2]}"),
         (r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", lambda m:
-            f"input_blocks_{1 + 3 * int(m[1]) + int(m[3])}_{int(m[2] == 'attentions')}_{block(m[2], m[4])}"),
+            f"input_blocks_{1 + n * int(m[1]) + int(m[3])}_{int(m[2] == 'attentions')}_{block(m[2], m[4])}"),
         (r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)", lambda m:
             f"middle_block_{1 if m[1] == 'attentions' else 2 * int(m[2])}_{block(m[1], m[3])}"),
         (r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", lambda m:
-            f"output_blocks_{3 * int(m[1]) + int(m[3])}_{int(m[2] == 'attentions')}_{block(m[2], m[4])}"),
-        (r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv", lambda m: f"input_blocks_{3 + 3 * int(m[1])}_0_op"),
-        (r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv", lambda m:
-            f"output_blocks_{2 + 3 * int(m[1])}_{2 if int(m[1]) > 0 else 1}_conv"),
+            f"output_blocks_{n * int(m[1]) + int(m[3])}_{int(m[2] == 'attentions')}_{block(m[2], m[4])}"),
+        (r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv", lambda m: f"input_blocks_{n * (int(m[1]) + 1)}_0_op"),
+        (r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv", lambda m:  # after the level's attention, if any
+            f"output_blocks_{n * int(m[1]) + n - 1}_{2 if layout.attention[levels - 1 - int(m[1])] else 1}_conv"),
     )
     for pattern, rename in rules:
         if m := re.fullmatch(pattern, lora_name):
@@ -72,50 +110,70 @@ def a1111_module_name(lora_name: str, is_sd2: bool = False) -> str:
     if m := re.fullmatch(r"lora_te_text_model_encoder_layers_(\d+)_(.+)", lora_name):
         if not is_sd2:
             return f"transformer_text_model_encoder_layers_{m[1]}_{m[2]}"
-        rest = m[2].replace("mlp_fc1", "mlp_c_fc").replace("mlp_fc2", "mlp_c_proj").replace("self_attn", "attn")
-        return f"model_transformer_resblocks_{m[1]}_{rest}"
+        return f"model_transformer_resblocks_{m[1]}_{_openclip(m[2])}"
     return lora_name
 
 
-def ldm_unet_modules(channels=(320, 640, 1280, 1280), layers_per_block=2, attention_levels=(0, 1, 2)) -> set[str]:
-    """Linear/Conv2d module names of the CompVis/LDM SD 1.x/2.x UNet, as A1111 names them."""
+def _openclip(rest: str) -> str:
+    """A Hugging Face CLIP layer's part name as OpenCLIP's resblock names it (A1111's rule)."""
+    return rest.replace("mlp_fc1", "mlp_c_fc").replace("mlp_fc2", "mlp_c_proj").replace("self_attn", "attn")
+
+
+def a1111_sdxl_module_name(lora_name: str) -> str:
+    """The module name A1111 looks up for an SDXL LoRA name (SGM UNet names, two text encoders)."""
+    if m := re.fullmatch(r"lora_te2_text_model_encoder_layers_(\d+)_(.+)", lora_name):
+        return f"1_model_transformer_resblocks_{m[1]}_{_openclip(m[2])}"
+    if lora_name.startswith("lora_te1_text_model_"):
+        return "0_transformer_text_model_" + lora_name[len("lora_te1_text_model_"):]
+    return lora_name.replace("lora_unet_", "diffusion_model_", 1)
+
+
+def ldm_unet_modules(layout: UNetLayout = SD1_LAYOUT) -> set[str]:
+    """Linear/Conv2d module names of the CompVis/LDM (SGM) UNet of `layout`, as A1111 names them."""
     res = ("in_layers_2", "emb_layers_1", "out_layers_3")
-    attn = ("proj_in", "proj_out", "transformer_blocks_0_ff_net_0_proj", "transformer_blocks_0_ff_net_2",
-            *(f"transformer_blocks_0_{a}_{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out_0")))
+
+    def attn(depth: int) -> tuple[str, ...]:
+        return ("proj_in", "proj_out", *(f"transformer_blocks_{k}_{p}" for k in range(depth) for p in (
+            "ff_net_0_proj", "ff_net_2",
+            *(f"{a}_{q}" for a in ("attn1", "attn2") for q in ("to_q", "to_k", "to_v", "to_out_0")))))
+
     names = {"time_embed_0", "time_embed_2", "input_blocks_0_0", "out_2"}
-    i = 1
-    for level, ch in enumerate(channels):
-        for j in range(layers_per_block):
+    if layout.label_emb:
+        names |= {"label_emb_0_0", "label_emb_0_2"}
+    levels, i = len(layout.attention), 1
+    for level in range(levels):
+        for j in range(layout.layers_per_block):
             names |= {f"input_blocks_{i}_0_{r}" for r in res}
-            if j == 0 and level > 0 and channels[level - 1] != ch:  # the channel count changes here
+            if j == 0 and layout.widens[level]:
                 names.add(f"input_blocks_{i}_0_skip_connection")
-            if level in attention_levels:
-                names |= {f"input_blocks_{i}_1_{a}" for a in attn}
+            if layout.attention[level]:
+                names |= {f"input_blocks_{i}_1_{a}" for a in attn(layout.depths[level])}
             i += 1
-        if level < len(channels) - 1:
+        if level < levels - 1:
             names.add(f"input_blocks_{i}_0_op")
             i += 1
-    names |= {f"middle_block_{b}_{r}" for b in (0, 2) for r in res} | {f"middle_block_1_{a}" for a in attn}
+    names |= {f"middle_block_{b}_{r}" for b in (0, 2) for r in res} | {f"middle_block_1_{a}" for a in attn(layout.mid_depth)}
     o = 0
-    for level in reversed(range(len(channels))):
-        for j in range(layers_per_block + 1):  # the output ResBlocks take skip-concatenated input
+    for level in reversed(range(levels)):
+        for j in range(layout.layers_per_block + 1):  # the output ResBlocks take skip-concatenated input
             names |= {f"output_blocks_{o}_0_{r}" for r in (*res, "skip_connection")}
-            if level in attention_levels:
-                names |= {f"output_blocks_{o}_1_{a}" for a in attn}
-            if j == layers_per_block and level > 0:
-                names.add(f"output_blocks_{o}_{2 if level in attention_levels else 1}_conv")
+            if layout.attention[level]:
+                names |= {f"output_blocks_{o}_1_{a}" for a in attn(layout.depths[level])}
+            if j == layout.layers_per_block and level > 0:
+                names.add(f"output_blocks_{o}_{2 if layout.attention[level] else 1}_conv")
             o += 1
     return {"diffusion_model_" + n for n in names}
 
 
 @functools.lru_cache(maxsize=None)
-def sd_unet_modules() -> dict[str, tuple[int, ...]]:
-    """diffusers' SD 1.5 UNet Linear/Conv2d module names -> weight shapes (built on the meta device)."""
+def sd_unet_modules(sdxl: bool = False) -> dict[str, tuple[int, ...]]:
+    """diffusers' SD 1.5 (or SDXL 1.0) UNet Linear/Conv2d module names -> weight shapes (built on
+    the meta device)."""
     import torch
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+        unet = UNet2DConditionModel(**(SDXL_UNET_CONFIG if sdxl else SD15_UNET_CONFIG))
     return {n: tuple(m.weight.shape) for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
 
 
@@ -142,31 +200,54 @@ def _kohya(prefix: str, path: str) -> str:
     return prefix + path.replace(".", "_")
 
 
+def _openclip_modules(prefix: str, layers: int) -> set[str]:
+    """OpenCLIP resblock module names as A1111 holds them: q/k/v live in one fused `attn` (in_proj),
+    found by stripping `_q_proj` etc."""
+    return {f"{prefix}model_transformer_resblocks_{i}_{p}" for i in range(layers)
+            for p in ("attn", "attn_out_proj", "mlp_c_fc", "mlp_c_proj")}
+
+
+def _comfy_text(prefix: str, layers: int) -> set[str]:
+    return {f"{prefix}text_model_encoder_layers_{i}_{c}" for i in range(layers) for c in CLIP_LORA_MAP}
+
+
 @functools.lru_cache(maxsize=None)
 def _accepted(base: str) -> dict[str, frozenset[str]]:
     """Per loader, the LoRA module names it can place in a `base` model."""
-    is_sd2 = BASES[base].v2
-    layers = TEXT_ENCODER_LAYERS[base]
-    ldm = ldm_unet_modules()
-    if is_sd2:  # OpenCLIP: q/k/v live in one in_proj; A1111 strips "_q_proj" etc. to find it
-        a1111_te = {f"model_transformer_resblocks_{i}_{p}" for i in range(layers)
-                    for p in ("attn", "attn_out_proj", "mlp_c_fc", "mlp_c_proj")}
+    sdxl, layers = base == "sdxl", TEXT_ENCODER_LAYERS[base]
+    layout = SDXL_LAYOUT if sdxl else SD1_LAYOUT
+    ldm = ldm_unet_modules(layout)
+    if sdxl:
+        a1111_te = {"0_transformer_" + n.replace(".", "_") for n in clip_text_modules(layers)}
+        a1111_te |= _openclip_modules("1_", SDXL_TEXT_ENCODER_2[0])
+        comfy_te = _comfy_text("lora_te1_", layers) | _comfy_text("lora_te2_", SDXL_TEXT_ENCODER_2[0])
     else:
-        a1111_te = {"transformer_" + n.replace(".", "_") for n in clip_text_modules(layers)}
-    comfy_te = {f"{p}text_model_encoder_layers_{i}_{c}" for p in ("lora_te_", "lora_te1_")
-                for i in range(layers) for c in CLIP_LORA_MAP}
-    comfy_unet = {_kohya("lora_unet_", n) for n in sd_unet_modules()
-                  if a1111_module_name(_kohya("lora_unet_", n)) in ldm}
+        a1111_te = (_openclip_modules("", layers) if BASES[base].v2 else
+                    {"transformer_" + n.replace(".", "_") for n in clip_text_modules(layers)})
+        comfy_te = _comfy_text("lora_te_", layers) | _comfy_text("lora_te1_", layers)
+    comfy_unet = {_kohya("lora_unet_", n) for n in sd_unet_modules(sdxl)
+                  if a1111_module_name(_kohya("lora_unet_", n), layout=layout) in ldm}
     comfy_unet |= {n.replace("diffusion_model_", "lora_unet_", 1) for n in ldm}
     return {"A1111": frozenset(ldm | a1111_te), "ComfyUI/Forge": frozenset(comfy_unet | comfy_te)}
 
 
 def a1111_accepts(lora_name: str, base: str) -> bool:
     modules = _accepted(base)["A1111"]
-    name = a1111_module_name(lora_name, BASES[base].v2)
-    if name in modules or re.sub(r"_[qkv]_proj$", "", name) in modules:
-        return True
-    return lora_name.replace("lora_unet", "diffusion_model", 1) in modules
+    if base == "sdxl":  # its diffusers-name rules first (SD 1.x's layout), then the SDXL fallbacks
+        names = (a1111_module_name(lora_name), a1111_sdxl_module_name(lora_name))
+    else:
+        names = (a1111_module_name(lora_name, BASES[base].v2), lora_name.replace("lora_unet", "diffusion_model", 1))
+    return any(n in modules or re.sub(r"_[qkv]_proj$", "", n) in modules for n in names)
+
+
+def sgm_lora_name(diffusers_path: str) -> str:
+    """The kohya name of an SDXL UNet module given by its diffusers path, in SGM naming as kohya's
+    sd-scripts writes SDXL files: `down_blocks.1.attentions.0.proj_in` -> `lora_unet_input_blocks_4_1_proj_in`."""
+    name = _kohya("lora_unet_", diffusers_path)
+    ldm = a1111_module_name(name, layout=SDXL_LAYOUT)
+    if ldm == name:
+        raise ValueError(f"{diffusers_path}: not a module of the SDXL UNet")
+    return ldm.replace("diffusion_model_", "lora_unet_", 1)
 
 
 def key_map_report(keys: Iterable[str], base: str) -> dict[str, tuple[int, list[str]]]:
@@ -190,8 +271,12 @@ def a1111_sd_version(metadata: dict[str, str]) -> str:
     return "SD1" if metadata else "Unknown"
 
 
-def base_for(cross_attention_dim: int, prediction_type: str = "epsilon") -> str | None:
-    """The BASES key for a UNet's `cross_attention_dim` and its scheduler's `prediction_type`, or None."""
+def base_for(cross_attention_dim: int, prediction_type: str = "epsilon", layout: UNetLayout | None = None
+             ) -> str | None:
+    """The BASES key for a UNet's `cross_attention_dim` and its scheduler's `prediction_type` (and,
+    for SDXL, its layout: one with SDXL 1.0's blocks is "sdxl" whatever its widths), or None."""
+    if layout is not None and layout.label_emb:
+        return "sdxl" if layout == SDXL_LAYOUT else None
     if cross_attention_dim == 1024:
         return "sd_v2_v" if prediction_type in ("v_prediction", "v") else "sd_v2"
     return "sd_v1" if cross_attention_dim == 768 else None
@@ -205,12 +290,14 @@ def infer_base(cross_attention_dims: Iterable[int]) -> str | None:
 
 
 @functools.lru_cache(maxsize=None)
-def ldm_to_diffusers_names() -> dict[str, str]:
-    """Old LoRA files named after the LDM UNet (`lora_unet_input_blocks_1_1_...`) -> diffusers names."""
+def ldm_to_diffusers_names(sdxl: bool = False) -> dict[str, str]:
+    """LoRA names after the LDM/SGM UNet (older SD files, every SDXL file:
+    `lora_unet_input_blocks_1_1_...`) -> diffusers names, for SD 1.x/2.x's or SDXL's UNet."""
     table = {}
-    for path in sd_unet_modules():
+    layout = SDXL_LAYOUT if sdxl else SD1_LAYOUT
+    for path in sd_unet_modules(sdxl):
         name = _kohya("lora_unet_", path)
-        ldm = a1111_module_name(name)
+        ldm = a1111_module_name(name, layout=layout)
         if ldm != name:
             table[ldm.replace("diffusion_model_", "lora_unet_", 1)] = name
     return table

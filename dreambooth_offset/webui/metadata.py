@@ -47,7 +47,7 @@ def training_metadata(
 ) -> dict[str, str]:
     """The kohya `ss_*` and SAI `modelspec.*` strings for a WebUI LoRA file.
 
-    base: "sd_v1", "sd_v2" or "sd_v2_v"; times are Unix seconds; noise: every noise setting of
+    base: "sd_v1", "sd_v2", "sd_v2_v" or "sdxl"; times are Unix seconds; noise: every noise setting of
     the run by name (written as `ss_<name>`, as kohya writes `ss_noise_offset`). Pure: no clock.
     """
     if base not in BASES:
@@ -66,7 +66,9 @@ def training_metadata(
         "ss_resolution": str((width, height)),  # kohya writes the tuple's repr
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{spec.architecture}/lora",
-        "modelspec.implementation": "diffusers",  # kohya's value for SD 1.x/2.x LoRA
+        # kohya's values: SD 1.x/2.x LoRA are "diffusers", SDXL ones Stability's generative-models
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if base == "sdxl"
+        else "diffusers",
         "modelspec.title": output_name,
         "modelspec.resolution": f"{width}x{height}",
         "modelspec.prediction_type": spec.prediction_type,
@@ -127,12 +129,15 @@ def write_webui_file(path: str | Path, tensors: dict, metadata: Mapping[str, str
 
 
 def save_webui_lora(path: str | Path, unet_lora_state_dict: Mapping, text_encoder_lora_state_dict: Mapping | None = None,
-                    *, lora_alpha: float, rank: int, metadata: Mapping[str, str], dtype=None) -> str:
-    """Write the trained adapters as a kohya-format WebUI LoRA; returns its `sshs_model_hash`."""
+                    text_encoder_2_lora_state_dict: Mapping | None = None, *, lora_alpha: float, rank: int,
+                    metadata: Mapping[str, str], dtype=None, base: str = "sd_v1") -> str:
+    """Write the trained adapters as a kohya-format WebUI LoRA for `base`; returns its `sshs_model_hash`."""
     config = {"r": rank, "lora_alpha": lora_alpha}
-    modules = convert.modules_from_peft(unet_lora_state_dict, "unet", config)
-    if text_encoder_lora_state_dict:
-        modules.update(convert.modules_from_peft(text_encoder_lora_state_dict, "text_encoder", config))
-    return write_webui_file(path, convert.modules_to_kohya(modules, dtype), metadata)
+    modules = {}
+    for component, state in zip(convert.COMPONENTS, (unet_lora_state_dict, text_encoder_lora_state_dict,
+                                                     text_encoder_2_lora_state_dict)):
+        if state:
+            modules.update(convert.modules_from_peft(state, component, config))
+    return write_webui_file(path, convert.modules_to_kohya(modules, dtype, base), metadata)
 
 

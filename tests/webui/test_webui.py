@@ -17,19 +17,6 @@ TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 RANK, UNET_ALPHA, TEXT_ALPHA = 4, 8, 2  # alpha != rank: the scale diffusers' converter loses
 
 
-@pytest.fixture(scope="module")
-def peft_ok():
-    """transformers >= 5.24 asks for peft >= 0.22 (unreleased); 0.21 has all the LoRA API used here."""
-    import peft
-    import transformers.integrations.peft as tp
-    from packaging.version import Version
-
-    with pytest.MonkeyPatch.context() as mp:
-        if Version(peft.__version__) < Version(getattr(tp, "MIN_PEFT_VERSION", "0")):
-            mp.setattr(tp, "check_peft_version", lambda min_version: None)
-        yield
-
-
 def fresh_pipeline(model_dir):
     from diffusers import StableDiffusionPipeline
 
