@@ -32,9 +32,19 @@ def test_sdxl_lora_loads_in_diffusers_and_only_adapters_move(tiny_sdxl, instance
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    result = train(overrides(tiny_sdxl, instance_dir, tmp_path / "out", train_text_encoder=True, random_flip=True))
+    from dreambooth_offset.webui.convert import read_lora_file
+    from dreambooth_offset.webui.keys import key_map_report
+
+    result = train(overrides(tiny_sdxl, instance_dir, tmp_path / "out", train_text_encoder=True, random_flip=True,
+                             output_name="sks"))
     state = load_file(result.lora_path)
     assert {k.split(".")[0] for k in state} == {"unet", "text_encoder", "text_encoder_2"}
+    # the WebUI file beside it: SDXL names, the family's noise offset (unset here) recorded
+    tensors, header = read_lora_file(tmp_path / "out" / "sks.safetensors")
+    assert header["ss_base_model_version"] == "sdxl_base_v1-0" and header["ss_noise_offset"] == "0.0357"
+    assert result.config.noise.noise_offset == 0.0357
+    assert {k.split("_", 2)[1] for k in tensors} == {"unet", "te1", "te2"}
+    assert all(not unmatched for _, unmatched in key_map_report(tensors, "sdxl").values())
 
     unet, te1, te2 = result.unet.eval(), *(m.eval() for m in result.text_encoders)
     for trained, cls, sub in ((unet, UNet2DConditionModel, "unet"), (te1, CLIPTextModel, "text_encoder"),
@@ -115,17 +125,16 @@ def test_each_text_encoder_trains_on_its_own_flag_and_a_resume_that_resolves_oth
     assert "train_text_encoder_2: False -> True" in capsys.readouterr().err
 
 
-def test_the_noise_offset_default_is_the_familys(tiny_model, tiny_sdxl, instance_dir, tmp_path, capsys):
+
+def test_the_noise_offset_default_is_the_familys(tiny_model, instance_dir, tmp_path, capsys):
+    """SDXL's is checked where an SDXL run writes its files (above); SD's here, end to end."""
     import json
 
     from dreambooth_offset.training.family import DEFAULT_NOISE_OFFSET
 
     with pytest.raises(SystemExit):
         main(["train", "--help"])
-    assert "0.0357 for SDXL" in " ".join(capsys.readouterr().out.split())
-    for model, family in ((tiny_model, SD), (tiny_sdxl, SDXL)):
-        out = tmp_path / family
-        assert main(flags(model, instance_dir, out, max_train_steps=1)) == 0
-        saved = json.loads((out / "training_config.json").read_text())
-        assert saved["noise_offset"] == DEFAULT_NOISE_OFFSET[family]
-    assert DEFAULT_NOISE_OFFSET == {SD: 0.1, SDXL: 0.0357}
+    assert "0.1 for SD 1.x/2.x" in " ".join(capsys.readouterr().out.split())
+    assert main(flags(tiny_model, instance_dir, tmp_path / "sd", max_train_steps=1)) == 0
+    saved = json.loads((tmp_path / "sd" / "training_config.json").read_text())
+    assert saved["noise_offset"] == DEFAULT_NOISE_OFFSET[SD] == 0.1 and DEFAULT_NOISE_OFFSET[SDXL] == 0.0357
