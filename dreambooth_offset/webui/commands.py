@@ -15,7 +15,8 @@ from dreambooth_offset.config import add_arguments, given_values, load_config
 from dreambooth_offset.config.commands import ExportConfig, ImportConfig, InspectConfig
 from dreambooth_offset.errors import UsageError
 from dreambooth_offset.webui import convert
-from dreambooth_offset.webui.keys import BASES, a1111_sd_version, key_map_report
+from dreambooth_offset.webui.keys import BASES
+from dreambooth_offset.webui.loaders import a1111_sd_version, key_map_report
 from dreambooth_offset.webui.metadata import file_sshs_hash, training_metadata, write_webui_file
 
 SIDECAR = "webui_metadata.json"  # the WebUI file's metadata, kept by `import` for a later `export`

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from dreambooth_offset.cli import main
 from dreambooth_offset.training.lora import LORA_WEIGHT_NAME
-from dreambooth_offset.webui import convert as webui_convert, keys as webui_keys, metadata as webui
+from dreambooth_offset.webui import convert as webui_convert, keys as webui_keys, loaders as webui_loaders, metadata as webui
 from tests.webui.test_webui import RANK, TEXT_ALPHA, TEXT_TARGETS, UNET_ALPHA
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "conv_shortcut", "time_emb_proj",
@@ -36,7 +36,7 @@ def test_every_sdxl_module_maps_to_exactly_one_sgm_name_and_back():
                 for n in webui_keys.clip_text_modules(*webui_keys.SDXL_TEXT_ENCODER_2)}
     keys = webui_convert.modules_to_kohya(modules, base="sdxl")
     assert {k.split("_", 2)[1] for k in keys} == {"unet", "te1", "te2"}
-    report = webui_keys.key_map_report(keys, "sdxl")
+    report = webui_loaders.key_map_report(keys, "sdxl")
     assert {loader: (matched, len(unmatched)) for loader, (matched, unmatched) in report.items()} == {
         "A1111": (3 * (794 + 72 + 192), 0), "ComfyUI/Forge": (3 * (794 + 72 + 192), 0)}
 
@@ -108,5 +108,5 @@ def test_sdxl_export_loads_in_diffusers_with_the_trained_outputs_and_imports_bac
     header = webui_convert.read_lora_file(again)[1]
     assert header["ss_base_model_version"] == "sdxl_base_v1-0" and header["ss_v2"] == "False"
     assert header["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
-    assert webui_keys.a1111_sd_version(header) == "SDXL"
+    assert webui_loaders.a1111_sd_version(header) == "SDXL"
 

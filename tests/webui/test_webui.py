@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dreambooth_offset.training.lora import LORA_WEIGHT_NAME
-from dreambooth_offset.webui import convert as webui_convert, keys as webui_keys, metadata as webui
+from dreambooth_offset.webui import convert as webui_convert, keys as webui_keys, loaders as webui_loaders, metadata as webui
 from dreambooth_offset.cli import main
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "conv_shortcut", "conv_out",
@@ -114,8 +114,8 @@ def test_save_webui_lora_writes_metadata_and_the_a1111_hash(trained, tmp_path):
     assert sshs == header["sshs_model_hash"] == webui.file_sshs_hash(path)
     assert header["ss_noise_offset"] == "0.1" and header["ss_network_alpha"] == "8.0"
     assert header["modelspec.architecture"] == "stable-diffusion-v1/lora"
-    assert webui_keys.a1111_sd_version(header) == "SD1"
-    assert webui_keys.a1111_sd_version(webui.training_metadata(base="sd_v2", rank=1, lora_alpha=1, output_name="x")) == "SD2"
+    assert webui_loaders.a1111_sd_version(header) == "SD1"
+    assert webui_loaders.a1111_sd_version(webui.training_metadata(base="sd_v2", rank=1, lora_alpha=1, output_name="x")) == "SD2"
     assert all(isinstance(v, str) for v in header.values())
     assert [webui_keys.base_for(768), webui_keys.base_for(1024, "v_prediction"), webui_keys.base_for(8)] == ["sd_v1", "sd_v2_v", None]
     assert len(tensors) == 3 * len(unet_state) // 2  # down, up, alpha per module; no text encoder
@@ -127,13 +127,13 @@ def test_every_sd1_module_name_is_in_both_webui_key_maps():
     modules = {f"unet.{n}": webui_convert.LoraModule(one, one, 1.0) for n in unet}
     modules |= {f"text_encoder.{n}": webui_convert.LoraModule(one, one, 1.0) for n in text}
     keys = webui_convert.modules_to_kohya(modules)
-    report = webui_keys.key_map_report(keys, "sd_v1")
+    report = webui_loaders.key_map_report(keys, "sd_v1")
     assert {loader: (matched, len(unmatched)) for loader, (matched, unmatched) in report.items()} == {
         "A1111": (3 * (282 + 72), 0), "ComfyUI/Forge": (3 * (282 + 72), 0)}
     # The LDM names written from the rules are exactly diffusers' modules under A1111's renaming.
     renamed = {webui_keys.a1111_module_name("lora_unet_" + n.replace(".", "_")) for n in unet}
     assert renamed == webui_keys.ldm_unet_modules()
-    assert webui_keys.key_map_report(["lora_unet_down_blocks_9_attentions_0_proj_in.alpha"], "sd_v1")["ComfyUI/Forge"][0] == 0
+    assert webui_loaders.key_map_report(["lora_unet_down_blocks_9_attentions_0_proj_in.alpha"], "sd_v1")["ComfyUI/Forge"][0] == 0
 
 
 def test_old_ldm_named_files_import_under_diffusers_names(tmp_path):
