@@ -186,6 +186,18 @@ def model_without_unet_weights(ctx):
     return flags(broken, ctx.instance_dir, ctx.out, max_train_steps=1, optimizer="adamw")
 
 
+@case(2, "a pickle file, which can run code when loaded, so it is never unpickled")
+def ckpt_checkpoint_as_the_base(ctx):
+    torch.save({"state_dict": {"x": torch.zeros(1)}}, ctx.tmp / "model.ckpt")
+    return flags(ctx.tmp / "model.ckpt", ctx.instance_dir, ctx.out, max_train_steps=1)
+
+
+@case(2, "not a Stable Diffusion checkpoint (no UNet under model.diffusion_model.)")
+def lora_file_as_the_base(ctx):
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(1)}, ctx.tmp / "lora.safetensors")
+    return flags(ctx.tmp / "lora.safetensors", ctx.instance_dir, ctx.out, max_train_steps=1)
+
+
 # --- values ------------------------------------------------------------------------------------------
 
 @case(2, "learning_rate = nan: it must be a finite number > 0")

@@ -14,8 +14,14 @@ from dreambooth_offset.errors import UsageError
 @dataclass(frozen=True)
 class ModelConfig:
     pretrained_model_name_or_path: str = option(
-        "", "Local diffusers Stable Diffusion folder, or a hub id already in the local cache; required by "
-        "train and generate (experiments: default the small base the package ships).",
+        "", "Local diffusers Stable Diffusion folder, a single-file .safetensors checkpoint (SD 1.x, SD 2.x or "
+        "SDXL, as the WebUIs keep them), or a hub id already in the local cache; required by train and generate "
+        "(experiments: default the small base the package ships).",
+    )
+    single_file_config: str | None = option(
+        None, "For a single-file checkpoint: the configs that describe it, one of sd_v1, sd_v2 (2.x-base, "
+        "512 px, epsilon), sd_v2_v (2.0/2.1, 768 px, v-prediction), sdxl (all shipped), or a local diffusers "
+        "folder. Default: from the file's tensors (SD 2.x files: sd_v2_v, as diffusers assumes).",
     )
     revision: str | None = option(None, "Hub revision (branch, tag or commit) of the checkpoint.")
     variant: str | None = option(None, "Weight variant to load, e.g. 'fp16'.")

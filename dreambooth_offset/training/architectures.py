@@ -1,25 +1,25 @@
-"""Published Stable Diffusion configs, for building models of the real size on the meta device or
-with random weights (no download): the WebUI key maps and the benchmarks use them."""
+"""Published Stable Diffusion configs, shipped with the package (assets/single_file/<base>/, the
+diffusers config folders of SD 1.5, SD 2.1(-base) and SDXL 1.0 base, without weights): the
+single-file loader reads them, and the WebUI key maps and the benchmarks build models of the real
+size from them on the meta device or with random weights (no download)."""
+from __future__ import annotations
 
-# Stable Diffusion 1.5's UNet config (runwayml/stable-diffusion-v1-5, unet/config.json); SD 2.x has
-# the same module names.
-SD15_UNET_CONFIG = dict(
-    act_fn="silu", attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280),
-    cross_attention_dim=768, downsample_padding=1, flip_sin_to_cos=True, freq_shift=0,
-    in_channels=4, out_channels=4, layers_per_block=2, mid_block_scale_factor=1, norm_eps=1e-5,
-    norm_num_groups=32, sample_size=64,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-)
+import json
+from pathlib import Path
 
-# SDXL 1.0 base's UNet config (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json): 2.6 B
-# parameters. attention_head_dim is the number of heads per level (64 channels each).
-SDXL_UNET_CONFIG = dict(
-    act_fn="silu", addition_embed_type="text_time", addition_time_embed_dim=256, attention_head_dim=(5, 10, 20),
-    block_out_channels=(320, 640, 1280), cross_attention_dim=2048, downsample_padding=1, flip_sin_to_cos=True,
-    freq_shift=0, in_channels=4, out_channels=4, layers_per_block=2, mid_block_scale_factor=1, norm_eps=1e-5,
-    norm_num_groups=32, projection_class_embeddings_input_dim=2816, sample_size=128,
-    transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-)
+CONFIGS = Path(__file__).resolve().parent.parent / "assets" / "single_file"
+CLIP_BPE = Path(__file__).resolve().parent.parent / "assets" / "clip_bpe"  # CLIP's vocab.json + merges.txt
+
+
+def published_config(base: str, component: str) -> dict:
+    """A component's config of a shipped base (`sd_v1`, `sd_v2`, `sd_v2_v`, `sdxl`), as keyword
+    arguments of its class (diffusers' bookkeeping keys dropped)."""
+    folder = CONFIGS / base / component
+    name = "scheduler_config.json" if component == "scheduler" else "config.json"
+    return {k: v for k, v in json.loads((folder / name).read_text()).items() if not k.startswith("_")}
+
+
+# SD 1.5's UNet (SD 2.x has the same module names) and SDXL 1.0 base's (2.6 B parameters;
+# attention_head_dim is the number of heads per level there, 64 channels each).
+SD15_UNET_CONFIG = published_config("sd_v1", "unet")
+SDXL_UNET_CONFIG = published_config("sdxl", "unet")

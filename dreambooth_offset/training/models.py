@@ -9,6 +9,7 @@ from torch import Tensor
 
 from dreambooth_offset.config import ModelConfig
 from dreambooth_offset.errors import UsageError
+from dreambooth_offset.training import single_file
 from dreambooth_offset.training.family import SD, SDXL, family_of
 
 
@@ -89,43 +90,54 @@ def training_scheduler(scheduler_config, zero_terminal_snr: bool = False, predic
 
 def load_parts(cfg: ModelConfig, zero_terminal_snr: bool = False, prediction_type: str | None = None) -> SDParts:
     """Tokenizer(s), text encoder(s), VAE, UNet and the DDPM training scheduler, from local files
-    only; SDXL's second tokenizer and encoder when the folder is SDXL (`family.family_of`).
+    only: a diffusers folder (SDXL's second tokenizer and encoder when it is SDXL, `family.family_of`)
+    or a single-file checkpoint (`single_file`).
 
     `zero_terminal_snr` / `prediction_type` adjust the scheduler (`training_scheduler`)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import AutoencoderKL, DDPMScheduler
 
-    root = resolve_model_path(cfg)
     # safetensors only: a folder that has only pickled weights (.bin) is refused, never unpickled
     weights = {"local_files_only": True, "variant": cfg.variant, "use_safetensors": True}
     name = cfg.pretrained_model_name_or_path
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True)
+        if name and single_file.is_single_file(name):
+            components, root = single_file.load_components(name, cfg.single_file_config)
+        else:
+            root = resolve_model_path(cfg)
+            components = folder_components(root, weights)
         noise_scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
-        text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **weights)
-        second = {}
-        if family_of(root) == SDXL:
-            second = {"tokenizer_2": CLIPTokenizer.from_pretrained(root, subfolder="tokenizer_2", local_files_only=True),
-                      "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
-                          root, subfolder="text_encoder_2", **weights)}
-        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", **weights)
         if cfg.pretrained_vae_model_name_or_path:
             name = cfg.pretrained_vae_model_name_or_path
             vae_root = resolve_local(name, None, "--pretrained_vae_model_name_or_path")
-            vae = AutoencoderKL.from_pretrained(vae_root, **{**weights, "variant": None})
-        else:
-            vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **weights)
+            components["vae"] = AutoencoderKL.from_pretrained(vae_root, **{**weights, "variant": None})
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"cannot load {name}: {first_line}") from None
-    parts = SDParts(tokenizer, text_encoder, vae, unet, noise_scheduler, **second)
-    for module in (vae, unet, *parts.text_encoders):
+    parts = SDParts(noise_scheduler=noise_scheduler, **{k: components.get(k) for k in SDParts._fields
+                                                       if k != "noise_scheduler"})
+    for module in (parts.vae, parts.unet, *parts.text_encoders):
         module.requires_grad_(False)
         module.eval()
     if zero_terminal_snr or prediction_type is not None:
         parts = parts._replace(noise_scheduler=training_scheduler(noise_scheduler.config, zero_terminal_snr,
                                                                   prediction_type))
     return parts
+
+
+def folder_components(root: str, weights: dict) -> dict:
+    """Tokenizer(s), text encoder(s), UNet and VAE of a diffusers folder."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    components = {"tokenizer": CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True),
+                  "text_encoder": CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **weights)}
+    if family_of(root) == SDXL:
+        components["tokenizer_2"] = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer_2", local_files_only=True)
+        components["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+            root, subfolder="text_encoder_2", **weights)
+    components["unet"] = UNet2DConditionModel.from_pretrained(root, subfolder="unet", **weights)
+    components["vae"] = AutoencoderKL.from_pretrained(root, subfolder="vae", **weights)
+    return components
 
 
 def latent_distribution(vae: torch.nn.Module, pixels: Tensor) -> tuple[Tensor, Tensor]:

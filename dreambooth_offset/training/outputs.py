@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Mapping
 
-from dreambooth_offset.config import training_settings
+from dreambooth_offset.config import RunConfig, training_settings
 from dreambooth_offset.noise.auto import metadata as auto_metadata
 from dreambooth_offset.training.lora import adapter_state, save_lora
 from dreambooth_offset.training.models import model_name
+from dreambooth_offset.training.single_file import file_hashes
 from dreambooth_offset.webui.keys import base_for, layout_of
 from dreambooth_offset.webui.metadata import save_webui_lora, training_metadata
 
@@ -15,10 +17,7 @@ from dreambooth_offset.webui.metadata import save_webui_lora, training_metadata
 def write_lora_files(directory: Path, run, step: int) -> Path:
     """The diffusers file, plus `<output_name>.safetensors` for the WebUIs when the base is SD 1.x/2.x
     or has SDXL 1.0's blocks (an SD UNet of another width, such as the tiny SD test model's, or an
-    SDXL of other blocks, gets the diffusers file only).
-
-    The WebUI metadata holds every noise and loss setting (`config.training_settings`, kohya's
-    `ss_*` names where kohya has one) and, with noise_offset 'auto', what it chose."""
+    SDXL of other blocks, gets the diffusers file only)."""
     cfg, accelerator, scheduler = run.config, run.accelerator, run.parts.noise_scheduler
     unet = accelerator.unwrap_model(run.unet)
     encoders = [t and accelerator.unwrap_model(t) for t in (run.text_encoder, run.text_encoder_2)]
@@ -26,14 +25,27 @@ def write_lora_files(directory: Path, run, step: int) -> Path:
     base = base_for(unet.config.cross_attention_dim, scheduler.config.prediction_type, layout_of(unet.config))
     if base is not None:
         name = cfg.train.output_name or Path(cfg.train.output_dir).resolve().name
-        metadata = training_metadata(
-            base=base, rank=cfg.adapter.rank, lora_alpha=cfg.adapter.alpha, output_name=name, started_at=run.started,
-            saved_at=time.time(), steps=step, learning_rate=cfg.optim.learning_rate, optimizer=cfg.optim.optimizer,
-            seed=cfg.train.seed, resolution=cfg.data.resolution, mixed_precision=cfg.train.mixed_precision,
-            noise={**training_settings(cfg), "prediction_type": scheduler.config.prediction_type,
-                   **auto_metadata(run.auto)},
-            base_model_name=model_name(cfg.model.pretrained_model_name_or_path),
-        )
+        metadata = run_metadata(cfg, base=base, rank=cfg.adapter.rank, lora_alpha=cfg.adapter.alpha,
+                                prediction_type=scheduler.config.prediction_type, output_name=name,
+                                auto=auto_metadata(run.auto), steps=step, started_at=run.started, saved_at=time.time())
         save_webui_lora(directory / f"{name}.safetensors", *map(adapter_state, (unet, *encoders)),
                         lora_alpha=cfg.adapter.alpha, rank=cfg.adapter.rank, metadata=metadata, base=base)
     return path
+
+
+def run_metadata(cfg: RunConfig, *, base: str, rank: int, lora_alpha: float, prediction_type: str,
+                 output_name: str, auto: Mapping[str, object] | None = None, steps: int | None = None,
+                 started_at: float | None = None, saved_at: float | None = None) -> dict[str, str]:
+    """The WebUI metadata of a run's LoRA, from its resolved config: what training writes, and what
+    `export` writes for a diffusers LoRA with its training_config.json beside it. It holds every
+    noise and loss setting (`config.training_settings`, kohya's `ss_*` names where kohya has one),
+    the auto offset's choice (`auto`), and for a single-file base its name and hashes."""
+    base_model = cfg.model.pretrained_model_name_or_path
+    metadata = training_metadata(
+        base=base, rank=rank, lora_alpha=lora_alpha, output_name=output_name, started_at=started_at,
+        saved_at=saved_at, steps=steps, learning_rate=cfg.optim.learning_rate, optimizer=cfg.optim.optimizer,
+        seed=cfg.train.seed, resolution=cfg.data.resolution, mixed_precision=cfg.train.mixed_precision,
+        noise={**training_settings(cfg), "prediction_type": prediction_type, **(auto or {})},
+        base_model_name=model_name(base_model) if base_model else None,
+    )
+    return {**metadata, **file_hashes(base_model)} if base_model else metadata

@@ -21,12 +21,12 @@ import torch
 
 from dreambooth_offset.compat import kohya_to_diffusers
 from dreambooth_offset.errors import UsageError
+from dreambooth_offset.safe_read import PICKLE_SUFFIXES, read_safetensors
 from dreambooth_offset.training.lora import LORA_WEIGHT_NAME, write_diffusers_lora
 from dreambooth_offset.webui.keys import (
     canonical_text_encoder_path, infer_base as _infer_base, ldm_to_diffusers_names, sgm_lora_name,
 )
 
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 KOHYA_PARTS = {"lora_down.weight", "lora_up.weight", "alpha"}
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # a diffusers LoRA file's key prefixes
@@ -65,24 +65,10 @@ def resolve(source: str | Path) -> Path:
 
 def read_lora_file(source: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, header metadata) of a safetensors file; pickle files are refused unopened."""
-    from safetensors import SafetensorError, safe_open
+    def read(f):
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
 
-    path = resolve(source)
-    pickle_note = "a pickle file, which can run code when loaded, so it is never unpickled here; " \
-                  "convert it to .safetensors with a tool you trust"
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise UsageError(f"{path}: {pickle_note}")
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-        if magic.startswith(b"PK") or magic[:1] == b"\x80":  # torch zip archive / raw pickle stream
-            raise UsageError(f"{path}: {pickle_note}") from None
-        raise UsageError(f"{path}: not a safetensors file ({str(err).splitlines()[0]})") from None
-    return tensors, metadata
+    return read_safetensors(resolve(source), read)
 
 
 def detect_format(tensors: Mapping[str, torch.Tensor], source) -> str:
