@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Mapping
 
 from dreambooth_offset.config import add_arguments, given_values, load_config
+from dreambooth_offset.config.run import CONFIG_NAME
 from dreambooth_offset.config.commands import ExportConfig, ImportConfig, InspectConfig
 from dreambooth_offset.errors import UsageError
 from dreambooth_offset.webui import convert
@@ -74,6 +75,29 @@ def _read_sidecar(path: Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in kept.items()}
 
 
+def _training_run(folder: Path):
+    """The resolved config of the run that wrote a diffusers LoRA (training_config.json beside it), or None."""
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        return None
+    try:
+        return load_config(None, json.loads(path.read_text()))
+    except (json.JSONDecodeError, UsageError) as err:
+        raise UsageError(f"{path}: not a training config this version reads ({err})") from None
+
+
+def _auto_record(folder: Path) -> dict[str, object]:
+    """`noise_offset_auto` as training recorded it (noise_offset_auto.json), or nothing."""
+    from dreambooth_offset.noise.auto import AutoOffset, metadata
+    from dreambooth_offset.training.auto_offset import RECORD_NAME
+
+    path = folder / RECORD_NAME
+    if not path.is_file():
+        return {}
+    record = json.loads(path.read_text())
+    return metadata(AutoOffset(**{k: record[k] for k in AutoOffset._fields}))
+
+
 def run_export(cfg) -> int:
     source = cfg.file.source
     tensors, header = convert.read_lora_file(source)
@@ -84,12 +108,24 @@ def run_export(cfg) -> int:
         print(f"warning: {source} does not say its lora_alpha; assuming alpha = rank (scale 1). "
               "Pass --lora_alpha if training used another value.", file=sys.stderr)
     modules = convert.modules_from_diffusers(tensors, adapter_meta, cfg.adapter.lora_alpha, source)
-    kept = _read_sidecar(convert.resolve(source).parent / SIDECAR)
+    beside = convert.resolve(source).parent
+    kept, run = _read_sidecar(beside / SIDECAR), _training_run(beside)
     base = _known_base(cfg.file.base, kept, modules, source)
+    if base == "sd_v2" and not cfg.file.base and run is not None and run.loss.prediction_type == "v_prediction":
+        base = "sd_v2_v"  # the shapes cannot tell 2.x-v from 2.x; the run's prediction type can
     rank, alpha = _summary(modules)
     out = Path(cfg.file.output)
-    metadata = {**kept, **training_metadata(base=base, rank=rank, lora_alpha=alpha,
-                                            output_name=cfg.train.output_name or out.stem)}
+    name = cfg.train.output_name or out.stem
+    if run is None:
+        metadata = training_metadata(base=base, rank=rank, lora_alpha=alpha, output_name=name)
+    else:
+        from dreambooth_offset.training.outputs import run_metadata
+
+        prediction = run.loss.prediction_type or ("v_prediction" if BASES[base].prediction_type == "v" else "epsilon")
+        metadata = run_metadata(run, base=base, rank=rank, lora_alpha=alpha, prediction_type=prediction,
+                                output_name=name, auto=_auto_record(beside))
+        print(f"read {beside / CONFIG_NAME}: resolution, noise and loss settings as training wrote them")
+    metadata = {**kept, **metadata}
     kohya = convert.modules_to_kohya(modules, convert.DTYPES[cfg.export.dtype], base)
     sshs = write_webui_file(out, kohya, metadata)
     print(f"wrote {out}: {len(modules)} modules ({_counts(modules)}), rank {rank}, alpha {alpha:g}, "

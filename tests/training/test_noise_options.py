@@ -92,6 +92,12 @@ def test_webui_metadata_records_every_noise_setting(sd1_model, instance_dir, tmp
         "ss_multires_noise_iterations": "None", "ss_multires_noise_discount": "0.3", "ss_prediction_type": "epsilon",
     }
     assert {k: meta.get(k) for k in expected} == expected
+    # `export` of the diffusers file reads training_config.json (and the auto record) beside it:
+    # the same metadata as training wrote, all but what only training knows (steps, times)
+    assert main(["export", str(out), "-o", str(tmp_path / "exported" / "run-a.safetensors")]) == 0
+    exported = _metadata(tmp_path / "exported" / "run-a.safetensors")
+    only_training = {"ss_steps", "ss_training_started_at", "ss_training_finished_at", "modelspec.date"}
+    assert {k: v for k, v in meta.items() if k not in only_training} == exported
 
     out = tmp_path / "run-b"
     assert main(flags(sd1_model, instance_dir, out, max_train_steps=1, optimizer="adamw", noise_offset=0,
