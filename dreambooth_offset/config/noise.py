@@ -135,11 +135,17 @@ class LossConfig:
         ("constant", "exponential", "snr"),
     )
     huber_c: float = option(0.1, "Huber threshold c for loss_type huber / smooth_l1 (kohya --huber_c).")
+    min_timestep: int = option(0, "Train on timesteps >= this (kohya --min_timestep).")
+    max_timestep: int | None = option(
+        None, "Train on timesteps < this (kohya --max_timestep). Default: the scheduler's num_train_timesteps.")
 
     def __post_init__(self) -> None:
         check_choices(self)
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise UsageError(f"snr_gamma = {self.snr_gamma}: it must be > 0 (5 is the paper's value)")
+        if self.min_timestep < 0 or (self.max_timestep is not None and self.max_timestep <= self.min_timestep):
+            raise UsageError(f"min_timestep = {self.min_timestep}, max_timestep = {self.max_timestep}: "
+                             "they must satisfy 0 <= min_timestep < max_timestep")
         if self.huber_c <= 0:
             raise UsageError(f"huber_c = {self.huber_c}: it must be > 0")
         if self.huber_schedule != "constant" and self.huber_c > 1:

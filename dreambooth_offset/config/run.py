@@ -61,10 +61,12 @@ RESUME_MAY_CHANGE = (
 
 def resume_differences(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
     """The keys (outside RESUME_MAY_CHANGE) whose value in `cfg` differs from the `saved` config
-    of a checkpoint, each as "key: saved -> now". Values `cfg` resolves only once the model is
+    of a checkpoint, each as "key: saved -> now" (a key the checkpoint predates counts as its
+    default, which is what that run trained with). Values `cfg` resolves only once the model is
     loaded (resolution, noise_offset or train_text_encoder_2 unset; noise_offset 'auto') are
     skipped here and compared once resolved (training.prepare.start_step)."""
     now = cfg.to_dict()
+    saved = {**RunConfig().to_dict(), **saved}  # a key newer than the checkpoint: it trained at the default
     later = {key for key in ("resolution", "noise_offset", "train_text_encoder_2") if now[key] is None}
     if now["noise_offset"] == "auto":  # a number once resolved; at 0, the modifiers are reset
         later |= {"noise_offset", *OFFSET_MODIFIERS}

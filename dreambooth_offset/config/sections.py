@@ -103,6 +103,10 @@ class AdapterConfig:
     text_encoder_target_modules: tuple[str, ...] = option(
         ("q_proj", "k_proj", "v_proj", "out_proj"), "Text-encoder modules that get LoRA."
     )
+    network_weights: str | None = option(
+        None, "A LoRA to start from (kohya --network_weights): a diffusers or WebUI .safetensors file for this "
+        "model, with this run's --rank; its modules must be among this run's LoRA targets.",
+    )
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -120,8 +124,15 @@ class AdapterConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    optimizer: str = option("adamw8bit", "Optimizer: bitsandbytes 8-bit AdamW or torch AdamW.", ("adamw8bit", "adamw"))
-    learning_rate: float = option(1e-4, "Peak learning rate.")
+    optimizer: str = option(
+        "adamw8bit", "Optimizer: bitsandbytes 8-bit AdamW, torch AdamW, or Prodigy (the prodigyopt package; "
+        "it adapts its own step size, use --learning_rate 1.0).", ("adamw8bit", "adamw", "prodigy"))
+    learning_rate: float = option(1e-4, "Peak learning rate (of the UNet's LoRA; see --text_encoder_lr).")
+    text_encoder_lr: float | None = option(
+        None, "Learning rate of the text encoders' LoRA (kohya --text_encoder_lr). Default: --learning_rate.")
+    loraplus_lr_ratio: float | None = option(
+        None, "LoRA+ (Hayou et al. 2024, peft's create_loraplus_optimizer): the B matrices train at this many "
+        "times the learning rate, e.g. 16. Default: off.")
     adam_beta1: float = option(0.9, "AdamW beta1.")
     adam_beta2: float = option(0.999, "AdamW beta2.")
     adam_weight_decay: float = option(1e-2, "AdamW weight decay.")
@@ -135,11 +146,25 @@ class OptimConfig:
     lr_warmup_steps: int = option(0, "Warm-up steps of the learning-rate schedule.")
     lr_num_cycles: int = option(1, "Cycles of cosine_with_restarts.")
     lr_power: float = option(1.0, "Power of the polynomial schedule.")
+    prodigy_beta3: float | None = option(
+        None, "Prodigy: coefficient of its step-size estimate's running average (default: sqrt(adam_beta2)).")
+    prodigy_decouple: bool = option(True, "Prodigy: AdamW-style decoupled weight decay.")
+    prodigy_use_bias_correction: bool = option(False, "Prodigy: Adam's bias correction.")
+    prodigy_safeguard_warmup: bool = option(False, "Prodigy: leave the learning rate out of the step-size "
+                                            "estimate during warm-up.")
 
     def __post_init__(self) -> None:
         check_choices(self)
-        if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
-            raise UsageError(f"learning_rate = {self.learning_rate}: it must be a finite number > 0")
+        for key in ("learning_rate", "text_encoder_lr"):
+            value = getattr(self, key)
+            if value is not None and (not math.isfinite(value) or value <= 0):
+                raise UsageError(f"{key} = {value}: it must be a finite number > 0")
+        if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio >= 1:
+            raise UsageError(f"loraplus_lr_ratio = {self.loraplus_lr_ratio}: it must be >= 1 (B's rate over A's)")
+        if self.optimizer == "prodigy" and (self.loraplus_lr_ratio is not None
+                                            or self.text_encoder_lr not in (None, self.learning_rate)):
+            raise UsageError("optimizer = 'prodigy' takes one learning rate for every parameter (prodigyopt refuses "
+                             "groups at other rates): drop text_encoder_lr / loraplus_lr_ratio")
         if self.lr_warmup_steps < 0 or self.max_grad_norm < 0:
             raise UsageError("lr_warmup_steps and max_grad_norm must be >= 0")
 
@@ -158,7 +183,10 @@ class TrainConfig:
     checkpointing_steps: int = option(0, "Save a resumable checkpoint every N steps; 0 = never.")
     checkpoints_total_limit: int | None = option(None, "Keep at most this many checkpoints (oldest go first).")
     resume_from_checkpoint: str | None = option(None, "'latest' or a checkpoint folder to resume from.")
-    report_to: str = option("tensorboard", "Where to log scalars.", ("tensorboard", "none"))
+    report_to: str = option("tensorboard", "Where to log scalars (wandb: Weights & Biases, if installed).",
+                            ("tensorboard", "wandb", "none"))
+    save_precision: str = option(
+        "float", "Dtype of the LoRA files written (kohya --save_precision); training stays fp32.", ("float", "fp16", "bf16"))
     output_name: str | None = option(
         None, "The LoRA's name: the WebUI file <output_name>.safetensors and its ss_output_name (default: the "
         "output folder's name; export: the written file's name)."

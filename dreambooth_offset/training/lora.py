@@ -60,9 +60,9 @@ def trainable_parameters(*models: torch.nn.Module | None) -> list[torch.nn.Param
     return [p for m in models if m is not None for p in m.parameters() if p.requires_grad]
 
 
-def adapter_state(model) -> dict | None:
-    """A model's adapter weights with peft's key names (`...to_q.lora_A.weight`), on CPU, fp32;
-    None for None.
+def adapter_state(model, dtype: torch.dtype = torch.float32) -> dict | None:
+    """A model's adapter weights with peft's key names (`...to_q.lora_A.weight`), on CPU, in
+    `dtype` (fp32 unless --save_precision says otherwise); None for None.
 
     Not passed through `convert_state_dict_to_diffusers`: it renames attention keys to the old
     `lora.down` style but leaves conv keys as `lora_A`, and diffusers' loader cannot read the mix.
@@ -73,7 +73,7 @@ def adapter_state(model) -> dict | None:
     if model is None:
         return None
     state = get_peft_model_state_dict(model, save_embedding_layers=False)  # LoRA only, never embeddings
-    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    return {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
 
 
 def lora_state_dicts(unet, text_encoder=None) -> tuple[dict, dict | None]:
@@ -119,8 +119,9 @@ def write_diffusers_lora(directory: str | Path, unet_state: dict | None, text_en
     return target
 
 
-def save_lora(directory: str | Path, unet, text_encoder=None, text_encoder_2=None) -> Path:
+def save_lora(directory: str | Path, unet, text_encoder=None, text_encoder_2=None,
+              dtype: torch.dtype = torch.float32) -> Path:
     """The adapters of `unet` (and the text encoders given) as the diffusers LoRA file in `directory`."""
-    return write_diffusers_lora(directory, *lora_state_dicts(unet, text_encoder), adapter_metadata(unet),
-                                adapter_metadata(text_encoder), adapter_state(text_encoder_2),
-                                adapter_metadata(text_encoder_2))
+    return write_diffusers_lora(directory, adapter_state(unet, dtype), adapter_state(text_encoder, dtype),
+                                adapter_metadata(unet), adapter_metadata(text_encoder),
+                                adapter_state(text_encoder_2, dtype), adapter_metadata(text_encoder_2))

@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule factories."""
+"""Optimizer and learning-rate schedule factories, and the parameter groups they train."""
 from __future__ import annotations
 
 import torch
@@ -13,12 +13,38 @@ from dreambooth_offset.errors import UsageError
 MIN_8BIT_SIZE = 256
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """torch AdamW (fused on the CPU), or bitsandbytes AdamW8bit after a one-step probe on the
-    parameters' device.
+class _Groups(list):
+    """Stands in for an optimizer class in peft's `create_loraplus_optimizer`, which builds
+    `optimizer_cls(groups, **kwargs)`: keeps peft's LoRA+ parameter groups (A at lr, B at ratio x
+    lr) so that they join the other models' groups in one optimizer."""
 
-    Never falls back silently: if bitsandbytes is missing or cannot run here, the run stops and
-    says to use `--optimizer adamw`.
+    def __init__(self, groups, **kwargs):
+        super().__init__(g for g in groups if g["params"])
+
+
+def param_groups(models: list[torch.nn.Module], cfg: OptimConfig) -> list[dict]:
+    """The trainable parameters of `models` (the UNet first, then text encoders) as optimizer groups:
+    the UNet's at --learning_rate, the text encoders' at --text_encoder_lr (default the same), and
+    with --loraplus_lr_ratio each split by peft into A and B matrices."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    groups = []
+    for i, model in enumerate(models):
+        lr = cfg.learning_rate if i == 0 or cfg.text_encoder_lr is None else cfg.text_encoder_lr
+        if cfg.loraplus_lr_ratio is None:
+            groups.append({"params": [p for p in model.parameters() if p.requires_grad], "lr": lr})
+        else:
+            groups += create_loraplus_optimizer(model, _Groups, lr=lr, loraplus_lr_ratio=cfg.loraplus_lr_ratio,
+                                                loraplus_weight_decay=cfg.adam_weight_decay)
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(params: list, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """torch AdamW (fused on the CPU), bitsandbytes AdamW8bit after a one-step probe on the
+    parameters' device, or Prodigy; `params` is a list of parameters or of groups (`param_groups`).
+
+    Never falls back silently: if bitsandbytes (or prodigyopt) is missing or cannot run here, the
+    run stops and says what to use instead.
     """
     kwargs = dict(
         lr=cfg.learning_rate,
@@ -26,11 +52,14 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.
         weight_decay=cfg.adam_weight_decay,
         eps=cfg.adam_epsilon,
     )
+    first = params[0]["params"][0] if isinstance(params[0], dict) else params[0]
     if cfg.optimizer == "adamw":
         # On the CPU the default per-tensor loop costs about 10 times the fused kernel (LoRA means
         # hundreds of small tensors); elsewhere (None) torch picks its own fast path.
-        fused = True if params[0].device.type == "cpu" else None
+        fused = True if first.device.type == "cpu" else None
         return torch.optim.AdamW(params, fused=fused, **kwargs)
+    if cfg.optimizer == "prodigy":
+        return make_prodigy(params, cfg, kwargs)
     try:
         import bitsandbytes as bnb
     except Exception as err:  # ImportError, or a broken native library raising anything else
@@ -39,12 +68,30 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.
             "install it or use --optimizer adamw"
         ) from None
     try:
-        probe = torch.nn.Parameter(torch.zeros(MIN_8BIT_SIZE, device=params[0].device))
+        probe = torch.nn.Parameter(torch.zeros(MIN_8BIT_SIZE, device=first.device))
         probe.grad = torch.ones_like(probe)
         bnb.optim.AdamW8bit([probe], min_8bit_size=MIN_8BIT_SIZE).step()
         return bnb.optim.AdamW8bit(params, min_8bit_size=MIN_8BIT_SIZE, **kwargs)
     except Exception as err:  # bitsandbytes raises several types for an unsupported device
         raise UsageError(f"bitsandbytes refused AdamW8bit on this device ({err}); use --optimizer adamw") from None
+
+
+def make_prodigy(params: list, cfg: OptimConfig, kwargs: dict) -> torch.optim.Optimizer:
+    """Prodigy (Mishchenko & Defazio 2023, the `prodigyopt` package), with the flags of diffusers'
+    SDXL DreamBooth script. Its learning rate multiplies the step size it estimates (`d`), so the
+    convention is 1.0; a value far from it gets a warning, as in diffusers' script."""
+    import sys
+
+    try:
+        from prodigyopt import Prodigy
+    except ImportError:
+        raise UsageError("--optimizer prodigy needs the prodigyopt package: pip install prodigyopt") from None
+    if not 0.1 <= cfg.learning_rate <= 10:
+        print(f"warning: --learning_rate {cfg.learning_rate} with --optimizer prodigy: Prodigy estimates the step "
+              "size itself and the learning rate scales it, so the usual value is 1.0", file=sys.stderr)
+    return Prodigy(params, beta3=cfg.prodigy_beta3, decouple=cfg.prodigy_decouple,
+                   use_bias_correction=cfg.prodigy_use_bias_correction,
+                   safeguard_warmup=cfg.prodigy_safeguard_warmup, **kwargs)
 
 
 def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, train: TrainConfig, num_processes: int):

@@ -3,6 +3,7 @@ optimizer, and the step to start from."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -22,7 +23,8 @@ from dreambooth_offset.training.data import find_images, load_resized, original_
 from dreambooth_offset.training.family import DEFAULT_NOISE_OFFSET, SDXL
 from dreambooth_offset.training.lora import add_adapters, trainable_parameters
 from dreambooth_offset.training.models import SDParts, load_parts, native_resolution, training_scheduler
-from dreambooth_offset.training.optim import make_lr_scheduler, make_optimizer
+from dreambooth_offset.training.network_weights import load_network_weights
+from dreambooth_offset.training.optim import make_lr_scheduler, make_optimizer, param_groups
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -63,6 +65,9 @@ def make_accelerator(cfg: RunConfig):
     from dreambooth_offset.compat import reset_accelerator_state
 
     out = Path(cfg.train.output_dir)
+    if cfg.train.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise UsageError("--report_to wandb needs the wandb package (pip install wandb, then wandb login); "
+                         "or use --report_to tensorboard")
     reset_accelerator_state()  # a second train() in this process may choose another precision
     try:
         return Accelerator(
@@ -159,6 +164,10 @@ def resolve_for_model(cfg: RunConfig, parts: SDParts) -> RunConfig:
     noise = cfg.noise
     if noise.noise_offset is None:
         noise = dataclasses.replace(noise, noise_offset=DEFAULT_NOISE_OFFSET[parts.family])
+    steps = parts.noise_scheduler.config.num_train_timesteps
+    if (cfg.loss.max_timestep or 0) > steps or cfg.loss.min_timestep >= steps:
+        raise UsageError(f"min_timestep / max_timestep = {cfg.loss.min_timestep} / {cfg.loss.max_timestep}: the "
+                         f"model's scheduler has timesteps 0..{steps - 1} (max_timestep may be {steps})")
     adapter = cfg.adapter
     if parts.family == SDXL and adapter.train_text_encoder_2 is None:
         adapter = dataclasses.replace(adapter, train_text_encoder_2=adapter.train_text_encoder)
@@ -216,12 +225,17 @@ def make_trainable(cfg: RunConfig, parts: SDParts, accelerator):
     add_adapters(unet, cfg.adapter, *text_encoders)
     trained = [m for m in (unet, *text_encoders) if m is not None]
     cast_training_params(trained, dtype=torch.float32)  # LoRA weights train in fp32 under fp16/bf16
+    if cfg.adapter.network_weights:
+        components = {"unet": unet, "text_encoder": text_encoders[0], "text_encoder_2": text_encoders[1]}
+        n = load_network_weights(cfg.adapter.network_weights, cfg.adapter,
+                                 {k: m for k, m in components.items() if m is not None})
+        accelerator.print(f"started from {n} LoRA modules of {cfg.adapter.network_weights}")
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         for encoder in trained[1:]:
             encoder.gradient_checkpointing_enable()
     params = trainable_parameters(*trained)
-    optimizer = make_optimizer(params, cfg.optim)
+    optimizer = make_optimizer(param_groups(trained, cfg.optim), cfg.optim)
     lr_scheduler = make_lr_scheduler(optimizer, cfg.optim, cfg.train, accelerator.num_processes)
     prepared = iter(accelerator.prepare(*trained, optimizer, lr_scheduler))
     unet = next(prepared)

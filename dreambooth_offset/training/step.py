@@ -25,7 +25,8 @@ def train_step(unet, text_encoders, noise_scheduler, batch: Batch, cfg: RunConfi
     and its variants'). `text_encoders` encode the prompts when the batch has no cached conditioning."""
     latents = batch.latents
     noise = sample_noise(latents, cfg.noise, generator, training_progress(step, cfg.train.max_train_steps))
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    high = cfg.loss.max_timestep or noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(cfg.loss.min_timestep, high, (latents.shape[0],), generator=generator)
     timesteps = timesteps.to(latents.device)
     noisy_latents = noise_scheduler.add_noise(latents, perturb_input_noise(noise, cfg.noise, generator), timesteps)
     cond = batch.conditioning

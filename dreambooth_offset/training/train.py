@@ -128,7 +128,7 @@ def finish(run: Run, first_done: float | None, loop_end: float) -> TrainResult:
     lora_path = out / LORA_WEIGHT_NAME
     if accelerator.is_main_process:
         with writing(out):
-            lora_path = write_lora_files(out, run, cfg.train.max_train_steps)
+            lora_path = write_lora_files(out, run, cfg.train.max_train_steps, final=True)
     accelerator.end_training()
     steps = cfg.train.max_train_steps - run.first_step
     rate = (steps - 1) / max(loop_end - (first_done or loop_end), 1e-9)

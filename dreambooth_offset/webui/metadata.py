@@ -6,7 +6,7 @@ The trainer calls two functions (plain values, no config classes):
     metadata = training_metadata(base="sd_v1", rank=4, lora_alpha=8, output_name="sks_dog",
                                  started_at=time.time(), steps=800, learning_rate=1e-4,
                                  optimizer="AdamW", seed=0, resolution=512, mixed_precision="fp16",
-                                 noise={"noise_offset": 0.1}, saved_at=time.time())
+                                 settings={"noise_offset": 0.1}, saved_at=time.time())
     sshs = save_webui_lora(out / "sks_dog.safetensors", unet_state, text_encoder_state,
                            lora_alpha=8, rank=4, metadata=metadata)
 
@@ -43,12 +43,13 @@ def training_metadata(
     started_at: float | None = None, saved_at: float | None = None, steps: int | None = None,
     learning_rate: float | None = None, optimizer: str | None = None, seed: int | None = None,
     resolution: int | tuple[int, int] | None = None, mixed_precision: str | None = None,
-    noise: Mapping[str, object] | None = None, base_model_name: str | None = None,
+    settings: Mapping[str, object] | None = None, base_model_name: str | None = None,
 ) -> dict[str, str]:
     """The kohya `ss_*` and SAI `modelspec.*` strings for a WebUI LoRA file.
 
-    base: "sd_v1", "sd_v2", "sd_v2_v" or "sdxl"; times are Unix seconds; noise: every noise setting of
-    the run by name (written as `ss_<name>`, as kohya writes `ss_noise_offset`). Pure: no clock.
+    base: "sd_v1", "sd_v2", "sd_v2_v" or "sdxl"; times are Unix seconds; settings: every noise, loss and
+    optimizer setting of the run by name (written as `ss_<name>`, as kohya writes `ss_noise_offset`).
+    Pure: no clock.
     """
     if base not in BASES:
         raise UsageError(f"base {base!r}: expected one of {', '.join(BASES)}")
@@ -79,7 +80,7 @@ def training_metadata(
         "ss_mixed_precision": mixed_precision, "ss_sd_model_name": base_model_name,
     }
     meta.update({k: _text(v) for k, v in optional.items() if v is not None})
-    for name, value in (noise or {}).items():
+    for name, value in (settings or {}).items():
         meta[name if name.startswith("ss_") else f"ss_{name}"] = _text(value)
     when = saved_at if saved_at is not None else started_at
     if when is not None:

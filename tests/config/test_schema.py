@@ -72,3 +72,14 @@ def test_the_keys_a_resume_may_change_are_keys_and_documented():
     usage = (Path(__file__).resolve().parents[2] / "docs" / "usage.md").read_text()
     for key in RESUME_MAY_CHANGE:
         assert key in schema_keys() and f"`{key}`" in usage, key
+
+
+def test_a_key_newer_than_the_checkpoint_counts_as_its_default():
+    from dreambooth_offset.config import load_config
+    from dreambooth_offset.config.run import resume_differences
+
+    cfg = load_config(None, {"noise_offset": 0.1, "resolution": 16})
+    old = {k: v for k, v in cfg.to_dict().items() if k != "min_timestep"}  # saved before the key existed
+    assert resume_differences(old, cfg) == []
+    later = load_config(None, {"noise_offset": 0.1, "resolution": 16, "min_timestep": 100})
+    assert resume_differences(old, later) == ["min_timestep: 0 -> 100"]

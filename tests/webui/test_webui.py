@@ -107,7 +107,7 @@ def test_save_webui_lora_writes_metadata_and_the_a1111_hash(trained, tmp_path):
     meta = webui.training_metadata(base="sd_v1", rank=RANK, lora_alpha=UNET_ALPHA, output_name="sks",
                                    started_at=1.7e9, saved_at=1.7e9 + 60, steps=10, learning_rate=1e-4,
                                    optimizer="AdamW", seed=0, resolution=512, mixed_precision="no",
-                                   noise={"noise_offset": 0.1})
+                                   settings={"noise_offset": 0.1})
     path = tmp_path / "sks.safetensors"
     sshs = webui.save_webui_lora(path, unet_state, None, lora_alpha=UNET_ALPHA, rank=RANK, metadata=meta)
     tensors, header = webui_convert.read_lora_file(path)
@@ -150,7 +150,7 @@ def test_old_ldm_named_files_import_under_diffusers_names(tmp_path):
 def test_inspect_lists_noise_settings_first(trained, tmp_path, capsys):
     pipe, _, (unet_state, text_state) = trained
     meta = webui.training_metadata(base="sd_v1", rank=RANK, lora_alpha=UNET_ALPHA, output_name="sks",
-                                   noise={"noise_offset": 0.1})
+                                   settings={"noise_offset": 0.1})
     path = tmp_path / "sks.safetensors"
     webui.save_webui_lora(path, unet_state, text_state, lora_alpha=UNET_ALPHA, rank=RANK, metadata=meta)
     capsys.readouterr()
