@@ -146,6 +146,10 @@ class OptimConfig:
     lr_warmup_steps: int = option(0, "Warm-up steps of the learning-rate schedule.")
     lr_num_cycles: int = option(1, "Cycles of cosine_with_restarts.")
     lr_power: float = option(1.0, "Power of the polynomial schedule.")
+    use_ema: bool = option(
+        False, "Keep an exponential moving average of the LoRA weights (diffusers' EMAModel, as diffusers' "
+        "--use_ema): validated with and written as the output; the raw weights go to output_dir/raw/.")
+    ema_decay: float = option(0.999, "Largest EMA decay; diffusers ramps it as (1 + t) / (10 + t) up to this.")
     prodigy_beta3: float | None = option(
         None, "Prodigy: coefficient of its step-size estimate's running average (default: sqrt(adam_beta2)).")
     prodigy_decouple: bool = option(True, "Prodigy: AdamW-style decoupled weight decay.")
@@ -159,6 +163,8 @@ class OptimConfig:
             value = getattr(self, key)
             if value is not None and (not math.isfinite(value) or value <= 0):
                 raise UsageError(f"{key} = {value}: it must be a finite number > 0")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise UsageError(f"ema_decay = {self.ema_decay}: it must be in (0, 1)")
         if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio >= 1:
             raise UsageError(f"loraplus_lr_ratio = {self.loraplus_lr_ratio}: it must be >= 1 (B's rate over A's)")
         if self.optimizer == "prodigy" and (self.loraplus_lr_ratio is not None

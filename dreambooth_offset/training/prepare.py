@@ -23,6 +23,7 @@ from dreambooth_offset.training.data import find_images, load_resized, original_
 from dreambooth_offset.training.family import DEFAULT_NOISE_OFFSET, SDXL
 from dreambooth_offset.training.lora import add_adapters, trainable_parameters
 from dreambooth_offset.training.models import SDParts, load_parts, native_resolution, training_scheduler
+from dreambooth_offset.training.ema import load_ema, make_ema
 from dreambooth_offset.training.network_weights import load_network_weights
 from dreambooth_offset.training.optim import make_lr_scheduler, make_optimizer, param_groups
 
@@ -100,6 +101,7 @@ class Run:
     auto: AutoOffset | None  # what noise_offset 'auto' chose, if asked
     first_step: int  # 0, or the step of the checkpoint resumed from
     started: float  # Unix time the run started
+    ema: object | None = None  # --use_ema: diffusers' EMAModel over `params` (training/ema.py)
 
     @property
     def output_dir(self) -> Path:
@@ -151,7 +153,7 @@ def prepare(cfg: RunConfig, resources: ExitStack | None = None) -> Run:
                           config.train.seed, accelerator.process_index, accelerator.num_processes,
                           sizes if parts.family == SDXL else None)
     run = Run(config, accelerator, generator, parts, unet, *text_encoders, params, optimizer, lr_scheduler, batches,
-              auto, 0, started)
+              auto, 0, started, make_ema(params, config.optim))
     run.first_step = start_step(run, inputs.resume)
     return run
 
@@ -252,6 +254,8 @@ def start_step(run: Run, resume: Path | None) -> int:
     if resume is not None:
         checkpoint.check_resumable(resume, run.config)  # again, with what the model resolved
         first_step = checkpoint.load_checkpoint(accelerator, resume, run.generator)
+        if run.ema is not None:
+            load_ema(run.ema, resume)
         accelerator.print(f"resumed from {resume} at step {first_step}")
     elif run.config.train.resume_from_checkpoint == "latest":
         accelerator.print(f"no checkpoint in {run.output_dir} yet: starting from step 0")

@@ -17,6 +17,7 @@ from dreambooth_offset.config.run import CONFIG_NAME
 from dreambooth_offset.errors import TrainingInterrupted, writing
 from dreambooth_offset.noise.objective import Loss
 from dreambooth_offset.training import checkpoint
+from dreambooth_offset.training.ema import ema_weights, save_ema
 from dreambooth_offset.training.lora import LORA_WEIGHT_NAME
 from dreambooth_offset.training.outputs import write_lora_files
 from dreambooth_offset.training.guards import StopRequest, stop_on_signal
@@ -29,7 +30,7 @@ class TrainResult:
     steps: int  # optimizer steps run in this call (after a resume: the remaining ones)
     seconds: float
     lora_path: Path
-    unet: torch.nn.Module  # the trained UNet with its LoRA, unwrapped from accelerate
+    unet: torch.nn.Module  # the trained UNet with its LoRA (--use_ema: the average), unwrapped from accelerate
     text_encoders: tuple[torch.nn.Module, ...]  # each with LoRA where it trained, else the frozen base
     parts: object  # the loaded SDParts (tokenizer, vae, scheduler ...) for sampling after training
     steps_per_second: float  # the loop's rate after its first step (setup and warm-up left out)
@@ -52,6 +53,8 @@ def train(cfg: RunConfig, progress_bar: dict | None = None) -> TrainResult:
             model.train()  # LoRA dropout on; frozen modules have no dropout/batch-norm of their own
         for step in bar:
             loss, total = optimizer_step(run, step)
+            if run.ema is not None:
+                run.ema.step(run.params)
             first_done = first_done or time.perf_counter()
             done = step + 1
             log_step(run, bar, loss, total, done)
@@ -87,6 +90,8 @@ def save_checkpoint(run: Run, step: int) -> Path:
         if run.accelerator.is_main_process:
             write_lora_files(folder, run, step)
             run.config.save_json(folder / CONFIG_NAME)
+            if run.ema is not None:
+                save_ema(run.ema, folder)
         checkpoint.save_trainer_state(folder, step, run.generator, run.accelerator.process_index)
     return folder.with_name(f"checkpoint-{step}")
 
@@ -115,7 +120,8 @@ def validate(run: Run, step: int) -> None:
     from dreambooth_offset.sampling.validation import run_validation
 
     if run.accelerator.is_main_process:
-        run_validation(run, step)
+        with ema_weights(run.ema, run.params):  # --use_ema: what the run will write is what it samples
+            run_validation(run, step)
         for model in run.trained:
             model.train()
     run.accelerator.wait_for_everyone()
@@ -128,7 +134,10 @@ def finish(run: Run, first_done: float | None, loop_end: float) -> TrainResult:
     lora_path = out / LORA_WEIGHT_NAME
     if accelerator.is_main_process:
         with writing(out):
-            lora_path = write_lora_files(out, run, cfg.train.max_train_steps, final=True)
+            if run.ema is not None:  # the raw weights beside the average, which is the output
+                write_lora_files(out / "raw", run, cfg.train.max_train_steps, final=True)
+            with ema_weights(run.ema, run.params, keep=True):
+                lora_path = write_lora_files(out, run, cfg.train.max_train_steps, final=True)
     accelerator.end_training()
     steps = cfg.train.max_train_steps - run.first_step
     rate = (steps - 1) / max(loop_end - (first_done or loop_end), 1e-9)
