@@ -237,7 +237,15 @@ class ValidationConfig:
     validation_prompt: tuple[str, ...] = option((), "Prompts sampled during training (fixed seeds).")
     num_validation_images: int = option(4, "Images per validation prompt.")
     validation_steps: int = option(100, "Sample every N steps (and at the end) when a prompt is set.")
+    validation_split: float = option(
+        0.0, "Fraction of the instance images held out of training for a validation loss (kohya "
+        "--validation_split): scored at fixed timesteps with fixed noise, logged as validation/loss.")
+    validate_every_n_steps: int | None = option(
+        None, "Validation loss every N steps and at the end (kohya's name). Default: --validation_steps.")
 
     def __post_init__(self) -> None:
         if self.num_validation_images < 1 or self.validation_steps < 1:
             raise UsageError("num_validation_images and validation_steps must be >= 1")
+        if not 0.0 <= self.validation_split < 1.0:
+            raise UsageError(f"validation_split = {self.validation_split}: it must be in [0, 1)")
+        check_positive(self, "validate_every_n_steps")

@@ -25,6 +25,7 @@ from dreambooth_offset.training.lora import add_adapters, trainable_parameters
 from dreambooth_offset.training.models import SDParts, load_parts, native_resolution, training_scheduler
 from dreambooth_offset.training.ema import load_ema, make_ema
 from dreambooth_offset.training.network_weights import load_network_weights
+from dreambooth_offset.training.validation_loss import HeldOut, held_out_set, split_held_out
 from dreambooth_offset.training.optim import make_lr_scheduler, make_optimizer, param_groups
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -102,6 +103,7 @@ class Run:
     first_step: int  # 0, or the step of the checkpoint resumed from
     started: float  # Unix time the run started
     ema: object | None = None  # --use_ema: diffusers' EMAModel over `params` (training/ema.py)
+    held_out: HeldOut | None = None  # --validation_split: the fixed validation-loss inputs
 
     @property
     def output_dir(self) -> Path:
@@ -135,6 +137,7 @@ def prepare(cfg: RunConfig, resources: ExitStack | None = None) -> Run:
     parts = load_parts(cfg.model)
     config = resolve_for_model(cfg, parts)
     images, captions, sizes = load_data(config, parts, accelerator, inputs.instance_images)
+    held = split_held_out((images, captions, sizes), config.validation.validation_split, config.train.seed)
     if config.noise.zero_terminal_snr or config.loss.prediction_type is not None:  # after the class images
         parts = parts._replace(noise_scheduler=training_scheduler(
             parts.noise_scheduler.config, config.noise.zero_terminal_snr, config.loss.prediction_type))
@@ -153,7 +156,8 @@ def prepare(cfg: RunConfig, resources: ExitStack | None = None) -> Run:
                           config.train.seed, accelerator.process_index, accelerator.num_processes,
                           sizes if parts.family == SDXL else None)
     run = Run(config, accelerator, generator, parts, unet, *text_encoders, params, optimizer, lr_scheduler, batches,
-              auto, 0, started, make_ema(params, config.optim))
+              auto, 0, started, make_ema(params, config.optim),
+              None if held is None else held_out_set(*held, parts, config))
     run.first_step = start_step(run, inputs.resume)
     return run
 

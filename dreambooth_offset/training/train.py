@@ -65,6 +65,8 @@ def train(cfg: RunConfig, progress_bar: dict | None = None) -> TrainResult:
             if run.config.validation.validation_prompt and (every(run.config.validation.validation_steps, done)
                                                             or done == total_steps):
                 validate(run, done)
+            if run.held_out is not None and (every(validation_loss_steps(run.config), done) or done == total_steps):
+                log_validation_loss(run, done)
         return finish(run, first_done, time.perf_counter())
 
 
@@ -125,6 +127,23 @@ def validate(run: Run, step: int) -> None:
         for model in run.trained:
             model.train()
     run.accelerator.wait_for_everyone()
+
+
+def validation_loss_steps(cfg: RunConfig) -> int:
+    return cfg.validation.validate_every_n_steps or cfg.validation.validation_steps
+
+
+def log_validation_loss(run: Run, step: int) -> None:
+    """The held-out images' loss (with the EMA weights under --use_ema), logged and printed."""
+    from tqdm.auto import tqdm
+
+    from dreambooth_offset.training.validation_loss import validation_loss
+
+    with ema_weights(run.ema, run.params):
+        value = validation_loss(run, run.held_out)
+    run.accelerator.log({"validation/loss": value}, step=step)
+    if run.accelerator.is_main_process:
+        tqdm.write(f"step {step} validation loss ({run.held_out.latents.shape[0]} held-out rows): {value:.5f}")
 
 
 def finish(run: Run, first_done: float | None, loop_end: float) -> TrainResult:
