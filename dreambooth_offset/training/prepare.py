@@ -25,8 +25,8 @@ from dreambooth_offset.training.lora import add_adapters, trainable_parameters
 from dreambooth_offset.training.models import SDParts, load_parts, native_resolution, training_scheduler
 from dreambooth_offset.training.ema import load_ema, make_ema
 from dreambooth_offset.training.network_weights import load_network_weights
-from dreambooth_offset.training.validation_loss import HeldOut, held_out_set, split_held_out
 from dreambooth_offset.training.optim import make_lr_scheduler, make_optimizer, param_groups
+from dreambooth_offset.training.validation_loss import HeldOut, held_out_set, split_held_out
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
