@@ -103,6 +103,11 @@ class AdapterConfig:
     text_encoder_target_modules: tuple[str, ...] = option(
         ("q_proj", "k_proj", "v_proj", "out_proj"), "Text-encoder modules that get LoRA."
     )
+    use_dora: bool = option(
+        False, "DoRA (peft's use_dora): each LoRA module also learns the per-output-row norm of its weight. "
+        "The WebUI file carries it as dora_scale per output row, which ComfyUI/Forge read and A1111 does not "
+        "(docs/usage.md, DoRA).",
+    )
     network_weights: str | None = option(
         None, "A LoRA to start from (kohya --network_weights): a diffusers or WebUI .safetensors file for this "
         "model, with this run's --rank; its modules must be among this run's LoRA targets.",

@@ -22,6 +22,7 @@ def _lora_config(cfg: AdapterConfig, target_modules: tuple[str, ...]):
         r=cfg.rank,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.lora_dropout,
+        use_dora=cfg.use_dora,
         init_lora_weights="gaussian",  # as diffusers' train_dreambooth_lora.py
         target_modules=list(target_modules),
     )
@@ -89,6 +90,15 @@ def adapter_metadata(model) -> dict | None:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in meta.items()}
 
 
+def _text_encoder_keys(state: dict | None) -> dict | None:
+    """A text encoder's DoRA magnitudes under `lora_magnitude_vector.weight`: transformers'
+    `load_adapter`, which diffusers loads text encoders through, finds them only there (peft's state
+    dict, and the UNet's loader, use `lora_magnitude_vector`)."""
+    if state is None:
+        return None
+    return {f"{k}.weight" if k.endswith(".lora_magnitude_vector") else k: v for k, v in state.items()}
+
+
 def write_diffusers_lora(directory: str | Path, unet_state: dict | None, text_encoder_state: dict | None = None,
                          unet_metadata: dict | None = None, text_encoder_metadata: dict | None = None,
                          text_encoder_2_state: dict | None = None, text_encoder_2_metadata: dict | None = None) -> Path:
@@ -103,6 +113,7 @@ def write_diffusers_lora(directory: str | Path, unet_state: dict | None, text_en
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    text_encoder_state, text_encoder_2_state = map(_text_encoder_keys, (text_encoder_state, text_encoder_2_state))
     second = {}
     if text_encoder_2_state:
         second = {"text_encoder_2_lora_layers": text_encoder_2_state,

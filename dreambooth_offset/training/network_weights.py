@@ -22,7 +22,8 @@ def load_network_weights(source: str, cfg: AdapterConfig, models: dict[str, torc
     """Copy the LoRA of `source` into the run's fresh adapters (`models`: component -> model with
     LoRA added); returns the modules loaded. Each file module must meet a LoRA of this run with the
     same shapes, else the first one that does not is named; the file's alpha is kept by scaling its
-    up matrix to this run's alpha / rank. Run modules the file lacks keep their initialisation."""
+    up matrix to this run's alpha / rank; a DoRA file's magnitudes go into a --use_dora run. Run
+    modules the file lacks keep their initialisation."""
     from dreambooth_offset.webui.convert import read_modules
 
     _, modules, _ = read_modules(source)
@@ -41,7 +42,14 @@ def load_network_weights(source: str, cfg: AdapterConfig, models: dict[str, torc
             raise UsageError(f"--network_weights {source}: module {key} has shapes down {tuple(m.down.shape)} / "
                              f"up {tuple(m.up.shape)}, this run's LoRA {tuple(a.shape)} / {tuple(b.shape)} "
                              f"(--rank {cfg.rank}; or the file is for another model)")
+        magnitude = layer.lora_magnitude_vector["default"].weight if "default" in layer.lora_magnitude_vector else None
+        if (m.magnitude is None) != (magnitude is None):
+            kinds = ("DoRA", "plain LoRA") if magnitude is None else ("plain LoRA", "DoRA")
+            raise UsageError(f"--network_weights {source}: module {key} is {kinds[0]} in the file and {kinds[1]} in "
+                             "this run (--use_dora)")
         with torch.no_grad():
             a.copy_(m.down)
-            b.copy_(m.up * (m.alpha / m.rank) / scale)
+            b.copy_(m.up * (m.alpha / m.rank) / scale)  # the same update at this run's alpha (and DoRA direction)
+            if magnitude is not None:
+                magnitude.copy_(m.magnitude.reshape(magnitude.shape))
     return len(modules)

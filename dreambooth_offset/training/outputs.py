@@ -53,7 +53,9 @@ def run_metadata(cfg: RunConfig, *, base: str, rank: int, lora_alpha: float, pre
         saved_at=saved_at, steps=steps, learning_rate=cfg.optim.learning_rate, optimizer=cfg.optim.optimizer,
         seed=cfg.train.seed, resolution=cfg.data.resolution, mixed_precision=cfg.train.mixed_precision,
         settings={**training_settings(cfg), "prediction_type": prediction_type, **(auto or {}),
-                  **optimizer_settings(cfg.optim), "save_precision": cfg.train.save_precision},
+                  **optimizer_settings(cfg.optim), "save_precision": cfg.train.save_precision,
+                  # LyCORIS's record of an output-axis DoRA, which kohya's own LoRA module lacks
+                  **({"network_args": {"dora_wd": "True", "wd_on_out": "True"}} if cfg.adapter.use_dora else {})},
         base_model_name=model_name(base_model) if base_model else None,
     )
     return {**metadata, **file_hashes(base_model)} if base_model else metadata

@@ -3,6 +3,9 @@
 Everything passes through `Modules`: "unet.<module path>" / "text_encoder.<module path>" ->
 LoraModule(down, up, alpha), text-encoder paths under `text_model.` as the WebUIs name them. The
 update a module adds to its weight is `up @ down * alpha / rank`, kohya's and A1111's convention.
+A DoRA module (peft's `use_dora`) also has a magnitude: its merged weight is `magnitude * V / ||V||`
+per output row, V = W + update; the WebUI file stores it as `dora_scale` of shape (out, 1[, 1, 1]),
+LyCORIS's output-axis (`wd_on_out`) layout (docs/usage.md, DoRA).
 diffusers' converters do the renaming; this module adds the alpha (diffusers'
 `convert_state_dict_to_kohya` writes the rank there, which drops peft's `lora_alpha / r` scale)
 and the checks that turn a bad file into a one-line error.
@@ -28,7 +31,7 @@ from dreambooth_offset.webui.keys import (
 )
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-KOHYA_PARTS = {"lora_down.weight", "lora_up.weight", "alpha"}
+KOHYA_PARTS = {"lora_down.weight", "lora_up.weight", "alpha", "dora_scale"}
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # a diffusers LoRA file's key prefixes
 DTYPES = {"same": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -37,6 +40,7 @@ class LoraModule(NamedTuple):
     down: torch.Tensor  # peft lora_A: (rank, in) or (rank, in, kh, kw)
     up: torch.Tensor  # peft lora_B: (out, rank) or (out, rank, 1, 1)
     alpha: float  # WebUI alpha: the update is up @ down * alpha / rank
+    magnitude: torch.Tensor | None = None  # DoRA: the merged weight's norm per output row, (out,)
 
     @property
     def rank(self) -> int:
@@ -141,21 +145,38 @@ def modules_from_peft(state: Mapping[str, torch.Tensor], component: str, config:
         state = convert_state_dict_to_peft(dict(state), original_type=StateDictType.DIFFUSERS_OLD)
     pairs: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, tensor in state.items():
-        m = re.fullmatch(r"(.+)\.lora_([AB])\.weight", key)
+        m = re.fullmatch(r"(.+)\.(?:lora_([AB])\.weight|lora_(magnitude)_vector(?:\.weight)?)", key)
         if m is None:
-            what = "DoRA is not supported" if "magnitude" in key else "not a LoRA weight (lora_A / lora_B)"
-            raise UsageError(f"{where}{key}: {what}")
-        pairs[m[1]][m[2]] = tensor
+            raise UsageError(f"{where}{key}: not a LoRA weight (lora_A / lora_B / lora_magnitude_vector)")
+        pairs[m[1]][m[2] or m[3]] = tensor
     modules = {}
     for path, pair in pairs.items():
-        if set(pair) != {"A", "B"}:
+        if not {"A", "B"} <= set(pair):
             raise UsageError(f"{where}{path}: lora_{'A' if 'B' in pair else 'B'} is missing")
         _check_shapes(path, pair["A"], pair["B"], where)
         rank = pair["A"].shape[0]
         alpha = _scale(config or {}, path, rank, where) * rank
         name = canonical_text_encoder_path(path) if component.startswith("text_encoder") else path
-        modules[f"{component}.{name}"] = LoraModule(pair["A"], pair["B"], alpha)
+        magnitude = pair.get("magnitude")
+        if magnitude is not None:
+            out = pair["B"].shape[0]
+            magnitude = _magnitude(magnitude, ((out,), (1, out, 1, 1)) if pair["A"].ndim == 4 else ((out,),),
+                                   f"{where}{path}.lora_magnitude_vector")
+        modules[f"{component}.{name}"] = LoraModule(pair["A"], pair["B"], alpha, magnitude)
     return modules
+
+
+def _magnitude(tensor: torch.Tensor, shapes: tuple[tuple[int, ...], ...], where: str) -> torch.Tensor:
+    """A DoRA magnitude, given in one of `shapes`, as a flat (out,) vector. peft's are (out,) /
+    (1, out, 1, 1); a WebUI file's are (out, 1[, 1, 1]), the output axis. LyCORIS's default
+    input-axis layout, (1, in[, 1, 1]), normalises each input column instead: another
+    decomposition, which peft's DoRA cannot hold."""
+    if not tensor.is_floating_point() or tuple(tensor.shape) not in shapes:
+        axis = " (LyCORIS's input-axis DoRA, wd_on_out=False; peft's DoRA is per output row)" \
+            if tensor.ndim >= 2 and tensor.shape[0] == 1 else ""
+        raise UsageError(f"{where}: {tuple(tensor.shape)} {tensor.dtype} is not a magnitude per output row, "
+                         f"{' or '.join(map(str, shapes))}{axis}")
+    return tensor.reshape(-1)
 
 
 def modules_from_diffusers(tensors: Mapping[str, torch.Tensor], adapter_meta: Mapping | None,
@@ -182,16 +203,17 @@ def modules_to_kohya(modules: Modules, dtype: torch.dtype | None = None, base: s
     out = {}
     for key, m in modules.items():
         part = convert_state_dict_to_kohya({f"{key}.lora_A.weight": m.down, f"{key}.lora_B.weight": m.up})
-        for kohya_key, tensor in part.items():
-            name, what = kohya_key.split(".", 1)
-            if base == "sdxl":
-                name = sgm_lora_name(key.split(".", 1)[1]) if key.startswith("unet.") else name
-            elif name.startswith("lora_te1_"):  # diffusers' spelling; SD 1.x/2.x files use `lora_te_`
-                name = "lora_te_" + name[len("lora_te1_"):]
-            if what == "alpha":  # diffusers writes the rank here; the trained alpha goes in instead
-                out[f"{name}.alpha"] = torch.tensor(float(m.alpha))
-            else:
-                out[f"{name}.{what}"] = (tensor if dtype is None else tensor.to(dtype)).contiguous()
+        name = next(iter(part)).split(".", 1)[0]
+        if base == "sdxl":
+            name = sgm_lora_name(key.split(".", 1)[1]) if key.startswith("unet.") else name
+        elif name.startswith("lora_te1_"):  # diffusers' spelling; SD 1.x/2.x files use `lora_te_`
+            name = "lora_te_" + name[len("lora_te1_"):]
+        tensors = {what: tensor for kohya_key, tensor in part.items()
+                   if (what := kohya_key.split(".", 1)[1]) != "alpha"}  # diffusers writes the rank as alpha
+        if m.magnitude is not None:  # ComfyUI/Forge read (out, 1[, 1, 1]) as the output axis
+            tensors["dora_scale"] = m.magnitude.reshape(-1, *[1] * (m.down.ndim - 1))
+        out.update({f"{name}.{what}": (t if dtype is None else t.to(dtype)).contiguous() for what, t in tensors.items()})
+        out[f"{name}.alpha"] = torch.tensor(float(m.alpha))  # the trained alpha
     return out
 
 
@@ -201,7 +223,7 @@ def modules_from_kohya(tensors: Mapping[str, torch.Tensor], source) -> Modules:
     for key, tensor in tensors.items():
         name, _, what = key.partition(".")
         if what not in KOHYA_PARTS:
-            raise UsageError(f"{source}: {key}: not a plain LoRA key (LoCon/LoHa/LoKr/DoRA parts are not supported)")
+            raise UsageError(f"{source}: {key}: not a LoRA or DoRA key (LoHa/LoKr parts are not supported)")
         grouped[name][what] = tensor
     ldm = [n for n in grouped if re.match(r"lora_unet_(input_blocks|middle_block|output_blocks|time_embed|label_emb|out)_", n)]
     if ldm:  # SDXL files and older SD ones use the LDM/SGM UNet's names: the table that knows them all
@@ -214,7 +236,7 @@ def modules_from_kohya(tensors: Mapping[str, torch.Tensor], source) -> Modules:
             raise UsageError(f"{source}: {name}: lora_down/lora_up pair incomplete")
         _check_shapes(name, parts["lora_down.weight"], parts["lora_up.weight"], f"{source}: ")
         alpha = _alpha(parts["alpha"], f"{source}: {name}") if "alpha" in parts else None
-        one = {f"{name}.{what}": t for what, t in parts.items() if what != "alpha"}
+        one = {f"{name}.{what}": t for what, t in parts.items() if what not in ("alpha", "dora_scale")}
         try:
             converted, _ = kohya_to_diffusers(one)
         except (ValueError, KeyError, RuntimeError, IndexError, TypeError) as err:
@@ -224,7 +246,12 @@ def modules_from_kohya(tensors: Mapping[str, torch.Tensor], source) -> Modules:
         component = next(iter(converted)).split(".", 1)[0]
         peft_part = {k.split(".", 1)[1]: v for k, v in converted.items()}
         (key, module), = modules_from_peft(peft_part, component, None, str(source)).items()
-        modules[key] = module._replace(alpha=float(module.rank) if alpha is None else alpha)  # kohya: no alpha = rank
+        magnitude = parts.get("dora_scale")
+        if magnitude is not None:
+            shape = (module.up.shape[0], *[1] * (module.down.ndim - 1))
+            magnitude = _magnitude(magnitude, (shape,), f"{source}: {name}.dora_scale")
+        modules[key] = module._replace(alpha=float(module.rank) if alpha is None else alpha,  # kohya: none = rank
+                                       magnitude=magnitude)
     return modules
 
 
@@ -243,13 +270,21 @@ def _clip_has_text_model_root(component: str) -> bool:
 
 def lora_config_kwargs(modules: Mapping[str, LoraModule]) -> dict:
     """LoraConfig arguments (most common rank/alpha, the rest as patterns) for one model's modules."""
+    dora = {m.magnitude is not None for m in modules.values()}
+    if len(dora) > 1:
+        raise UsageError("some modules are DoRA and some plain LoRA; one diffusers adapter cannot hold both")
     ranks = {p: m.rank for p, m in modules.items()}
     alphas = {p: m.alpha for p, m in modules.items()}
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     return {"r": r, "lora_alpha": alpha, "target_modules": sorted(modules),
             "rank_pattern": {p: v for p, v in ranks.items() if v != r},
-            "alpha_pattern": {p: v for p, v in alphas.items() if v != alpha}}
+            "alpha_pattern": {p: v for p, v in alphas.items() if v != alpha}, "use_dora": dora == {True}}
+
+
+def _peft_magnitude(m: LoraModule) -> torch.Tensor:
+    """peft's layout of a DoRA magnitude: (out,) for a Linear, (1, out, 1, 1) for a Conv2d."""
+    return (m.magnitude.reshape(1, -1, 1, 1) if m.down.ndim == 4 else m.magnitude).contiguous()
 
 
 def save_diffusers_lora(directory: str | Path, modules: Modules) -> Path:
@@ -261,6 +296,8 @@ def save_diffusers_lora(directory: str | Path, modules: Modules) -> Path:
             mine = {p.removeprefix("text_model."): m for p, m in mine.items()}
         if mine:
             state = {f"{p}.lora_{ab}.weight": t.contiguous() for p, m in mine.items() for ab, t in (("A", m.down), ("B", m.up))}
+            state.update({f"{p}.lora_magnitude_vector": _peft_magnitude(m) for p, m in mine.items()
+                          if m.magnitude is not None})
             # peft naming, as the trainer writes it: diffusers 0.42's load_lora_adapter converts the
             # old `to_q.lora.down` spelling only when the *first* key lacks `lora_A`, so the mix that
             # convert_state_dict_to_diffusers makes when convs are targeted loses the attention LoRA.
@@ -282,6 +319,8 @@ def infer_base(modules: Modules) -> str | None:
 
 def diffusers_accepts(tensors: Mapping[str, torch.Tensor]) -> str:
     """Whether diffusers' kohya converter (behind load_lora_weights) takes every key."""
+    if any(k.endswith(".dora_scale") for k in tensors):  # its lora_state_dict filters them out
+        return "drops the dora_scale keys and loads a plain LoRA (use the diffusers file, or `import`)"
     try:
         kohya_to_diffusers(dict(tensors))
     except (ValueError, KeyError) as err:

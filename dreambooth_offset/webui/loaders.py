@@ -63,13 +63,17 @@ def a1111_accepts(lora_name: str, base: str) -> bool:
 
 
 def key_map_report(keys: Iterable[str], base: str) -> dict[str, tuple[int, list[str]]]:
-    """Per WebUI loader: how many of the file's keys it matches, and the keys it does not."""
+    """Per WebUI loader: how many of the file's keys it matches, and the keys it does not.
+
+    A `dora_scale` (out, 1[, 1, 1]) counts as unmatched for A1111: its `apply_weight_decompose`
+    normalises per input column only, so an output-axis magnitude would broadcast into a wrong
+    weight (ComfyUI and Forge pick the axis from the shape)."""
     keys = list(keys)
-    checks = {"A1111": lambda n: a1111_accepts(n, base),
-              "ComfyUI/Forge": lambda n: n in _accepted(base)["ComfyUI/Forge"]}
+    checks = {"A1111": lambda k: a1111_accepts(k.split(".", 1)[0], base) and not k.endswith(".dora_scale"),
+              "ComfyUI/Forge": lambda k: k.split(".", 1)[0] in _accepted(base)["ComfyUI/Forge"]}
     report = {}
     for loader, accepts in checks.items():
-        unmatched = [k for k in keys if not accepts(k.split(".", 1)[0])]
+        unmatched = [k for k in keys if not accepts(k)]
         report[loader] = (len(keys) - len(unmatched), unmatched)
     return report
 
