@@ -36,8 +36,15 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    instance_data_dir: str = option("", "Folder with the images of the subject.")
-    instance_prompt: str = option("", "Prompt with the identifier, e.g. 'a photo of sks dog'.")
+    instance_data_dir: str = option("", "Folder with the images of the subject (or use --train_data_dir).")
+    instance_prompt: str = option("", "Prompt with the identifier, e.g. 'a photo of sks dog' (the caption of "
+                                      "--instance_data_dir's images without a caption file).")
+    train_data_dir: str = option(
+        "", "kohya-style parent folder instead of --instance_data_dir: each subfolder 'N_name' is a concept, its "
+        "images seen N times per epoch, captioned 'name' where they have no caption file (docs/datasets.md).")
+    reg_data_dir: str = option(
+        "", "kohya-style regularisation folders ('N_name', as --train_data_dir): the class images of prior "
+        "preservation, used as they are (nothing generated), weighted by --prior_loss_weight.")
     resolution: int | None = option(
         None, "Image side in pixels, a multiple of 8. Default: the model's own (UNet sample_size x the VAE's "
         "downsampling: 512 for SD 1.5, 768 for SD 2.x-v)."
@@ -63,6 +70,15 @@ class DataConfig:
         "", "Sidecar caption files, kohya style (e.g. '.txt'): an image with 'name.txt' beside it trains "
         "with that caption; one without uses the folder's prompt. Default: off."
     )
+    shuffle_caption: bool = option(False, "Shuffle each caption's comma-separated tags every time it is used "
+                                          "(after the first --keep_tokens).")
+    keep_tokens: int = option(0, "Leading tags of a caption that --shuffle_caption and --caption_tag_dropout_rate "
+                                 "leave in place (e.g. the identifier).")
+    caption_dropout_rate: float = option(
+        0.0, "Chance that a row trains with the empty caption (the unconditional branch that guidance uses).")
+    caption_tag_dropout_rate: float = option(0.0, "Chance that each tag after --keep_tokens is left out of a row.")
+    caption_prefix: str = option("", "Text put before every caption (after shuffling; not on dropped captions).")
+    caption_suffix: str = option("", "Text put after every caption (after shuffling; not on dropped captions).")
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -71,9 +87,20 @@ class DataConfig:
         if self.caption_extension and not self.caption_extension.startswith("."):
             raise UsageError(f"caption_extension = {self.caption_extension!r}: it must start with a dot, e.g. '.txt'")
         check_positive(self, "train_batch_size", "sample_batch_size")
-        if self.prior_preservation != "image" and not self.with_prior_preservation:
+        if self.instance_data_dir and self.train_data_dir:
+            raise UsageError("instance_data_dir and train_data_dir both set: use one (train_data_dir holds kohya's "
+                             "N_name folders)")
+        if self.reg_data_dir and self.with_prior_preservation:
+            raise UsageError("reg_data_dir and with_prior_preservation both set: reg_data_dir already turns prior "
+                             "preservation on, with its images as the class images")
+        for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise UsageError(f"{name} = {getattr(self, name)}: it must be in [0, 1]")
+        if self.keep_tokens < 0:
+            raise UsageError(f"keep_tokens = {self.keep_tokens}: it must be 0 or more")
+        if self.prior_preservation != "image" and not self.has_prior:
             raise UsageError(f"prior_preservation = {self.prior_preservation!r} needs with_prior_preservation "
-                             "(and class images)")
+                             "(and class images) or reg_data_dir")
         if self.with_prior_preservation:
             if not self.class_prompt:
                 raise UsageError("with_prior_preservation needs class_prompt (e.g. 'a photo of a dog')")
@@ -81,6 +108,11 @@ class DataConfig:
                 raise UsageError("with_prior_preservation needs class_data_dir (a folder for class images)")
             if self.num_class_images < 1:
                 raise UsageError("num_class_images must be at least 1 with prior preservation")
+
+    @property
+    def has_prior(self) -> bool:
+        """Class rows in every batch: generated/given class images, or kohya's reg folders."""
+        return self.with_prior_preservation or bool(self.reg_data_dir)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,11 @@ When cropping is deterministic (center crop, or images already square at the res
 (image, flip) is encoded by the VAE once and its posterior (mean, std) is kept; every step then
 draws a fresh posterior sample from the run's generator. The draws are the same as when encoding
 every step, so caching changes speed, not results.
+
+An image with N repeats (kohya's `N_name` folders) holds N places in every epoch. Fixed captions
+are tokenized (and, with frozen text encoders, encoded) once; with a random caption option
+(--shuffle_caption, --caption_dropout_rate, --caption_tag_dropout_rate) each row's caption is
+made from the run's generator after its latents are drawn, and encoded in the step.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import torch
 from torch import Tensor
 
 from dreambooth_offset.config import DataConfig
+from dreambooth_offset.data.captions import CaptionPolicy, apply_policy
 from dreambooth_offset.training.data import (Example, crop_is_random, crop_top_left, draw_examples, epoch_indices,
                                              stack_pixels)
 from dreambooth_offset.training.family import Conditioning, encode_prompts, time_ids, tokenize
@@ -32,19 +38,26 @@ class Batch(NamedTuple):
 class BatchSource:
     def __init__(self, images: dict[str, list[Tensor]], captions: dict[str, list[str]], cfg: DataConfig,
                  parts, train_text_encoder: bool, seed: int, process_index: int, num_processes: int,
-                 sizes: dict[str, list[tuple[int, int]]] | None = None):
-        """`captions[source][i]` is the caption of `images[source][i]`; each distinct caption is
-        tokenized (and, with frozen text encoders, encoded) once. `sizes[source][i]` is the
-        image's original (height, width); given (SDXL), every batch carries its rows' time ids."""
+                 sizes: dict[str, list[tuple[int, int]]] | None = None, repeats: dict[str, list[int]] | None = None):
+        """`captions[source][i]` is the caption of `images[source][i]` before the caption options,
+        `repeats[source][i]` its repeats (default 1). `sizes[source][i]` is the image's original
+        (height, width); given (SDXL), every batch carries its rows' time ids."""
         self.images, self.cfg, self.vae, self.seed, self.sizes = images, cfg, parts.vae, seed, sizes
         self.process_index, self.num_processes = process_index, num_processes
-        row_of = {c: i for i, c in enumerate(dict.fromkeys(c for caps in captions.values() for c in caps))}
-        self.caption_row = {src: [row_of[c] for c in caps] for src, caps in captions.items()}
-        self.input_ids = tokenize(parts.tokenizers, list(row_of))
-        self.embeddings = None
-        if not train_text_encoder:  # frozen encoders give the same context every step
-            with torch.no_grad():
-                self.embeddings = encode_prompts(parts.text_encoders, self.input_ids)
+        self.slots = {src: [i for i, r in enumerate((repeats or {}).get(src) or [1] * len(imgs)) for _ in range(r)]
+                      for src, imgs in images.items()}
+        self.policy = CaptionPolicy(cfg.shuffle_caption, cfg.keep_tokens, cfg.caption_dropout_rate,
+                                    cfg.caption_tag_dropout_rate, cfg.caption_prefix, cfg.caption_suffix)
+        self.captions, self.tokenizers, self.embeddings = captions, parts.tokenizers, None
+        if not self.policy.is_random:  # fixed captions (a prefix / suffix at most)
+            fixed = [apply_policy(c, self.policy) for caps in captions.values() for c in caps]
+            row_of = {c: i for i, c in enumerate(dict.fromkeys(fixed))}
+            rows = iter(row_of[c] for c in fixed)
+            self.caption_row = {src: [next(rows) for _ in caps] for src, caps in captions.items()}
+            self.input_ids = tokenize(parts.tokenizers, list(row_of))
+            if not train_text_encoder:  # frozen encoders give the same context every step
+                with torch.no_grad():
+                    self.embeddings = encode_prompts(parts.text_encoders, self.input_ids)
         self.cache = None if any(crop_is_random(imgs, cfg.resolution, cfg.center_crop) for imgs in images.values()) else {}
 
     def _posterior(self, examples: list[Example]) -> tuple[Tensor, Tensor]:
@@ -65,14 +78,19 @@ class BatchSource:
         start = (micro_step * self.num_processes + self.process_index) * b
         examples = []
         for source, imgs in self.images.items():
-            indices = epoch_indices(len(imgs), start, b, self.seed, STREAMS[source])
+            slots = self.slots[source]
+            indices = [slots[k] for k in epoch_indices(len(slots), start, b, self.seed, STREAMS[source])]
             examples += draw_examples(source, imgs, indices, self.cfg.resolution, self.cfg.center_crop,
                                       self.cfg.random_flip, generator)
         mean, std = self._posterior(examples)
         latents = sample_latents(mean, std, self.vae.config, generator)
-        rows = torch.tensor([self.caption_row[e.source][e.index] for e in examples])
-        context = None if self.embeddings is None else self.embeddings.rows(rows)
-        return Batch(latents, self.input_ids[rows], context, sum(e.source == "instance" for e in examples),
+        if self.policy.is_random:
+            texts = [apply_policy(self.captions[e.source][e.index], self.policy, generator) for e in examples]
+            input_ids, context = tokenize(self.tokenizers, texts), None
+        else:
+            rows = torch.tensor([self.caption_row[e.source][e.index] for e in examples])
+            input_ids, context = self.input_ids[rows], None if self.embeddings is None else self.embeddings.rows(rows)
+        return Batch(latents, input_ids, context, sum(e.source == "instance" for e in examples),
                      self._time_ids(examples))
 
     def _time_ids(self, examples: list[Example]) -> Tensor | None:
