@@ -45,6 +45,10 @@ class DataConfig:
     reg_data_dir: str = option(
         "", "kohya-style regularisation folders ('N_name', as --train_data_dir): the class images of prior "
         "preservation, used as they are (nothing generated), weighted by --prior_loss_weight.")
+    dataset_config: str = option(
+        "", "kohya's dataset config TOML ([general], [[datasets]], [[datasets.subsets]] with image_dir, "
+        "num_repeats, class_tokens, is_reg, caption options, ...) instead of the folder flags; its resolution, "
+        "batch_size, flip_aug and random_crop set the run's (docs/datasets.md).")
     resolution: int | None = option(
         None, "Image side in pixels, a multiple of 8. Default: the model's own (UNet sample_size x the VAE's "
         "downsampling: 512 for SD 1.5, 768 for SD 2.x-v)."
@@ -87,6 +91,9 @@ class DataConfig:
         if self.caption_extension and not self.caption_extension.startswith("."):
             raise UsageError(f"caption_extension = {self.caption_extension!r}: it must start with a dot, e.g. '.txt'")
         check_positive(self, "train_batch_size", "sample_batch_size")
+        named = [k for k in ("instance_data_dir", "train_data_dir", "reg_data_dir", "class_data_dir") if getattr(self, k)]
+        if self.dataset_config and named:
+            raise UsageError(f"dataset_config and {named[0]} both set: the dataset file names every image folder")
         if self.instance_data_dir and self.train_data_dir:
             raise UsageError("instance_data_dir and train_data_dir both set: use one (train_data_dir holds kohya's "
                              "N_name folders)")

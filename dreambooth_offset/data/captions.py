@@ -41,3 +41,9 @@ def apply_policy(caption: str, policy: CaptionPolicy, generator: torch.Generator
             movable = [t for t, keep in zip(movable, kept) if keep]
         caption = ", ".join(fixed + movable)
     return " ".join(part for part in (policy.prefix, caption, policy.suffix) if part)
+
+
+def caption_policy(data) -> CaptionPolicy:
+    """The caption options a run's flags give (`data`: its DataConfig)."""
+    return CaptionPolicy(data.shuffle_caption, data.keep_tokens, data.caption_dropout_rate,
+                         data.caption_tag_dropout_rate, data.caption_prefix, data.caption_suffix)

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from dreambooth_offset.data.captions import CaptionPolicy, caption_policy
 from dreambooth_offset.errors import UsageError
 
 
@@ -19,6 +20,8 @@ class Subset:
     caption: str  # kohya's class tokens: the caption of an image without a caption file
     num_repeats: int = 1
     flag: str = "instance_data_dir"  # the flag that named it, for error messages
+    caption_extension: str = ""  # its images' caption files: <stem><caption_extension>; "" for none
+    policy: CaptionPolicy = CaptionPolicy()  # the caption options for its images
 
     @property
     def caption_source(self) -> str:
@@ -27,7 +30,8 @@ class Subset:
         return prompts.get(self.flag, f"the folder name of {self.image_dir}")
 
 
-def kohya_subsets(parent: str | Path, flag: str) -> list[Subset]:
+def kohya_subsets(parent: str | Path, flag: str, caption_extension: str = "",
+                  policy: CaptionPolicy = CaptionPolicy()) -> list[Subset]:
     """The `N_name` subfolders of `parent`, sorted by name; anything else in it is refused,
     naming the folder, so that no concept is left out silently."""
     parent = Path(parent)
@@ -43,18 +47,21 @@ def kohya_subsets(parent: str | Path, flag: str) -> list[Subset]:
         if m is None or int(m[1]) < 1:
             raise UsageError(f"--{flag} {folder}: a concept folder is named N_name, with N >= 1 repeats "
                              f"(e.g. '10_{folder.name}')")
-        subsets.append(Subset(folder, m[2].strip(), int(m[1]), flag))
+        subsets.append(Subset(folder, m[2].strip(), int(m[1]), flag, caption_extension, policy))
     return subsets
 
 
 def training_subsets(data) -> dict[str, list[Subset]]:
     """The subsets a run's flags name (`data`: its DataConfig): "instance" from --instance_data_dir
-    or --train_data_dir, "class" from --reg_data_dir. A --class_data_dir's subset is made once its
-    missing images are generated."""
+    or --train_data_dir, "class" from --reg_data_dir, each with the flags' caption extension and
+    options. A --class_data_dir's subset is made once its missing images are generated; a
+    --dataset_config file's come from data/dataset_config.py."""
+    ext, policy = data.caption_extension, caption_policy(data)
     if data.train_data_dir:
-        subsets = {"instance": kohya_subsets(data.train_data_dir, "train_data_dir")}
+        subsets = {"instance": kohya_subsets(data.train_data_dir, "train_data_dir", ext, policy)}
     else:
-        subsets = {"instance": [Subset(Path(data.instance_data_dir), data.instance_prompt)]}
+        subsets = {"instance": [Subset(Path(data.instance_data_dir), data.instance_prompt, 1, "instance_data_dir",
+                                       ext, policy)]}
     if data.reg_data_dir:
-        subsets["class"] = kohya_subsets(data.reg_data_dir, "reg_data_dir")
+        subsets["class"] = kohya_subsets(data.reg_data_dir, "reg_data_dir", ext, policy)
     return subsets

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from dreambooth_offset.config import DataConfig
-from dreambooth_offset.data.captions import CaptionPolicy, apply_policy
+from dreambooth_offset.data.captions import CaptionPolicy, apply_policy, caption_policy
 from dreambooth_offset.training.data import (Example, crop_is_random, crop_top_left, draw_examples, epoch_indices,
                                              stack_pixels)
 from dreambooth_offset.training.family import Conditioning, encode_prompts, time_ids, tokenize
@@ -38,19 +38,21 @@ class Batch(NamedTuple):
 class BatchSource:
     def __init__(self, images: dict[str, list[Tensor]], captions: dict[str, list[str]], cfg: DataConfig,
                  parts, train_text_encoder: bool, seed: int, process_index: int, num_processes: int,
-                 sizes: dict[str, list[tuple[int, int]]] | None = None, repeats: dict[str, list[int]] | None = None):
+                 sizes: dict[str, list[tuple[int, int]]] | None = None, repeats: dict[str, list[int]] | None = None,
+                 policies: dict[str, list[CaptionPolicy]] | None = None):
         """`captions[source][i]` is the caption of `images[source][i]` before the caption options,
-        `repeats[source][i]` its repeats (default 1). `sizes[source][i]` is the image's original
-        (height, width); given (SDXL), every batch carries its rows' time ids."""
+        `repeats[source][i]` its repeats (default 1), `policies[source][i]` its caption options
+        (default: the flags'). `sizes[source][i]` is the image's original (height, width); given
+        (SDXL), every batch carries its rows' time ids."""
         self.images, self.cfg, self.vae, self.seed, self.sizes = images, cfg, parts.vae, seed, sizes
         self.process_index, self.num_processes = process_index, num_processes
         self.slots = {src: [i for i, r in enumerate((repeats or {}).get(src) or [1] * len(imgs)) for _ in range(r)]
                       for src, imgs in images.items()}
-        self.policy = CaptionPolicy(cfg.shuffle_caption, cfg.keep_tokens, cfg.caption_dropout_rate,
-                                    cfg.caption_tag_dropout_rate, cfg.caption_prefix, cfg.caption_suffix)
+        self.policies = policies or {src: [caption_policy(cfg)] * len(caps) for src, caps in captions.items()}
+        self.random_captions = any(p.is_random for ps in self.policies.values() for p in ps)
         self.captions, self.tokenizers, self.embeddings = captions, parts.tokenizers, None
-        if not self.policy.is_random:  # fixed captions (a prefix / suffix at most)
-            fixed = [apply_policy(c, self.policy) for caps in captions.values() for c in caps]
+        if not self.random_captions:  # fixed captions (a prefix / suffix at most)
+            fixed = [apply_policy(c, p) for src, caps in captions.items() for c, p in zip(caps, self.policies[src])]
             row_of = {c: i for i, c in enumerate(dict.fromkeys(fixed))}
             rows = iter(row_of[c] for c in fixed)
             self.caption_row = {src: [next(rows) for _ in caps] for src, caps in captions.items()}
@@ -84,8 +86,9 @@ class BatchSource:
                                       self.cfg.random_flip, generator)
         mean, std = self._posterior(examples)
         latents = sample_latents(mean, std, self.vae.config, generator)
-        if self.policy.is_random:
-            texts = [apply_policy(self.captions[e.source][e.index], self.policy, generator) for e in examples]
+        if self.random_captions:
+            texts = [apply_policy(self.captions[e.source][e.index], self.policies[e.source][e.index], generator)
+                     for e in examples]
             input_ids, context = tokenize(self.tokenizers, texts), None
         else:
             rows = torch.tensor([self.caption_row[e.source][e.index] for e in examples])

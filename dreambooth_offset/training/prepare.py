@@ -14,6 +14,8 @@ import torch
 
 from dreambooth_offset.config import RunConfig
 from dreambooth_offset.config.run import CONFIG_NAME
+from dreambooth_offset.data.captions import caption_policy
+from dreambooth_offset.data.dataset_config import read_dataset_config
 from dreambooth_offset.data.subsets import Subset, training_subsets
 from dreambooth_offset.errors import UsageError
 from dreambooth_offset.noise.auto import AutoOffset, describe
@@ -33,19 +35,26 @@ WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 
 
 class Inputs(NamedTuple):
-    subsets: dict[str, list[tuple[Subset, list[Path]]]]  # "instance" (and "class" from --reg_data_dir): images
+    config: RunConfig  # with what a --dataset_config file sets
+    subsets: dict[str, list[tuple[Subset, list[Path]]]]  # "instance" (and "class" from reg folders): images
     resume: Path | None  # the checkpoint folder to resume from
 
 
 def check_inputs(cfg: RunConfig) -> Inputs:
     """Everything that can be checked before a model loads; raises UsageError naming the culprit."""
-    if not (cfg.data.instance_data_dir or cfg.data.train_data_dir):
-        raise UsageError("--instance_data_dir (or kohya's --train_data_dir) is required")
+    if not (cfg.data.instance_data_dir or cfg.data.train_data_dir or cfg.data.dataset_config):
+        raise UsageError("--instance_data_dir (or kohya's --train_data_dir or --dataset_config) is required")
     if cfg.data.instance_data_dir and not cfg.data.instance_prompt:
         raise UsageError("--instance_prompt is required")
     captions = cfg.data.caption_extension
-    subsets = {source: [(s, find_images(s.image_dir, s.flag, caption_extension=captions)) for s in found]
-               for source, found in training_subsets(cfg.data).items()}
+    if cfg.data.dataset_config:
+        dataset = read_dataset_config(cfg.data.dataset_config, caption_policy(cfg.data), captions)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **dataset.settings))
+        named = dataset.subsets
+    else:
+        named = training_subsets(cfg.data)
+    subsets = {source: [(s, find_images(s.image_dir, s.flag, caption_extension=s.caption_extension)) for s in found]
+               for source, found in named.items()}
     if cfg.data.with_prior_preservation and Path(cfg.data.class_data_dir).is_dir():
         find_images(cfg.data.class_data_dir, "class_data_dir", allow_empty=True, caption_extension=captions)
     out = Path(cfg.train.output_dir)
@@ -59,7 +68,7 @@ def check_inputs(cfg: RunConfig) -> Inputs:
     resume = checkpoint.resolve_resume(out, cfg.train.resume_from_checkpoint)
     if resume is not None:
         checkpoint.check_resumable(resume, cfg)
-    return Inputs(subsets, resume)
+    return Inputs(cfg, subsets, resume)
 
 
 def make_accelerator(cfg: RunConfig):
@@ -131,6 +140,7 @@ def prepare(cfg: RunConfig, resources: ExitStack | None = None) -> Run:
 
     started = time.time()
     inputs = check_inputs(cfg)
+    cfg = inputs.config
     accelerator = make_accelerator(cfg)
     if resources is not None and accelerator.is_main_process:
         resources.enter_context(output_lock(Path(cfg.train.output_dir)))
@@ -138,8 +148,9 @@ def prepare(cfg: RunConfig, resources: ExitStack | None = None) -> Run:
     generator = torch.Generator().manual_seed(cfg.train.seed + 1_000_003 * accelerator.process_index)
     parts = load_parts(cfg.model)
     config = resolve_for_model(cfg, parts)
-    images, captions, sizes, repeats = load_data(config, parts, accelerator, inputs.subsets)
-    held = split_held_out((images, captions, sizes, repeats), config.validation.validation_split, config.train.seed)
+    images, captions, sizes, repeats, policies = load_data(config, parts, accelerator, inputs.subsets)
+    held = split_held_out((images, captions, sizes, repeats, policies), config.validation.validation_split,
+                          config.train.seed)
     if config.noise.zero_terminal_snr or config.loss.prediction_type is not None:  # after the class images
         parts = parts._replace(noise_scheduler=training_scheduler(
             parts.noise_scheduler.config, config.noise.zero_terminal_snr, config.loss.prediction_type))
@@ -156,7 +167,7 @@ def prepare(cfg: RunConfig, resources: ExitStack | None = None) -> Run:
     unet, text_encoders, params, optimizer, lr_scheduler = make_trainable(config, parts, accelerator)
     batches = BatchSource(images, captions, config.data, parts, any(t is not None for t in text_encoders),
                           config.train.seed, accelerator.process_index, accelerator.num_processes,
-                          sizes if parts.family == SDXL else None, repeats)
+                          sizes if parts.family == SDXL else None, repeats, policies)
     run = Run(config, accelerator, generator, parts, unet, *text_encoders, params, optimizer, lr_scheduler, batches,
               auto, 0, started, make_ema(params, config.optim),
               None if held is None else held_out_set(*held[:3], parts, config))
@@ -187,30 +198,32 @@ def resolve_for_model(cfg: RunConfig, parts: SDParts) -> RunConfig:
 
 
 def load_data(cfg: RunConfig, parts: SDParts, accelerator, subsets: dict[str, list[tuple[Subset, list[Path]]]]):
-    """(images, captions, original sizes, repeats) per source ("instance", and "class" with prior
+    """(images, captions, original sizes, repeats, caption options) per source ("instance", and "class" with prior
     preservation: kohya's reg folders, or a class folder whose missing images the base generates
     first): uint8 tensors resized for `cfg.data.resolution`, each image's caption before the
     caption options (its caption file's text, else its subset's caption), each file's (height,
-    width) and its subset's repeats."""
+    width), and its subset's repeats and caption options."""
     from dreambooth_offset.sampling.class_images import ensure_class_images
 
     subsets = dict(subsets)
     if cfg.data.with_prior_preservation:  # the base samples its class images with its own scheduler
-        folder = Subset(Path(cfg.data.class_data_dir), cfg.data.class_prompt, flag="class_data_dir")
+        folder = Subset(Path(cfg.data.class_data_dir), cfg.data.class_prompt, 1, "class_data_dir",
+                        cfg.data.caption_extension, caption_policy(cfg.data))
         subsets["class"] = [(folder, ensure_class_images(parts, cfg, accelerator))]
-    ext, res = cfg.data.caption_extension, cfg.data.resolution
-    images, captions, sizes, repeats = {}, {}, {}, {}
+    res = cfg.data.resolution
+    images, captions, sizes, repeats, policies = {}, {}, {}, {}, {}
     for src, found in subsets.items():
         paths = [p for _, ps in found for p in ps]
-        per_subset = [read_captions(ps, ext, s.caption) for s, ps in found]
+        per_subset = [read_captions(ps, s.caption_extension, s.caption) for s, ps in found]
         images[src] = load_resized(paths, res)
         captions[src] = [c for caps in per_subset for c in caps]
         sizes[src] = original_sizes(paths)
         repeats[src] = [s.num_repeats for s, ps in found for _ in ps]
+        policies[src] = [s.policy for s, ps in found for _ in ps]
         if accelerator.is_main_process:
             for (s, ps), caps in zip(found, per_subset):
-                warn_long_captions(ps, caps, ext, s.caption_source, parts.tokenizer)
-    return images, captions, sizes, repeats
+                warn_long_captions(ps, caps, s.caption_extension, s.caption_source, parts.tokenizer)
+    return images, captions, sizes, repeats, policies
 
 
 def warn_long_captions(paths: list[Path], captions: list[str], extension: str, prompt_flag: str, tokenizer) -> None:

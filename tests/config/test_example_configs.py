@@ -16,3 +16,14 @@ def test_example_config_loads(path):
 
 def test_there_are_example_configs():
     assert CONFIGS
+
+
+def test_the_example_kohya_dataset_file_reads():
+    from dreambooth_offset.data.captions import CaptionPolicy
+    from dreambooth_offset.data.dataset_config import read_dataset_config
+
+    path = CONFIGS[0].parent / "datasets" / "kohya-dataset.toml"
+    found = read_dataset_config(path, CaptionPolicy(), "")
+    assert found.settings == {"resolution": 512, "train_batch_size": 2, "random_flip": False}
+    assert [(s.caption, s.num_repeats) for s in found.subsets["instance"]] == [("sks dog", 10)]
+    assert found.subsets["class"][0].policy == CaptionPolicy(keep_tokens=1)
