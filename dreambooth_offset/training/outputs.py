@@ -34,26 +34,28 @@ def write_lora_files(directory: Path, run, step: int, final: bool = False) -> Pa
         name = cfg.train.output_name or Path(cfg.train.output_dir).resolve().name
         metadata = run_metadata(cfg, base=base, rank=cfg.adapter.rank, lora_alpha=cfg.adapter.alpha,
                                 prediction_type=scheduler.config.prediction_type, output_name=name,
-                                auto=auto_metadata(run.auto), steps=step, started_at=run.started, saved_at=time.time())
+                                auto=auto_metadata(run.auto), dataset=run.dataset, steps=step, started_at=run.started, saved_at=time.time())
         save_webui_lora(directory / f"{name}.safetensors", *map(adapter_state, (unet, *encoders)),
                         lora_alpha=cfg.adapter.alpha, rank=cfg.adapter.rank, metadata=metadata, base=base, dtype=dtype)
     return path
 
 
 def run_metadata(cfg: RunConfig, *, base: str, rank: int, lora_alpha: float, prediction_type: str,
-                 output_name: str, auto: Mapping[str, object] | None = None, steps: int | None = None,
+                 output_name: str, auto: Mapping[str, object] | None = None,
+                 dataset: Mapping[str, object] | None = None, steps: int | None = None,
                  started_at: float | None = None, saved_at: float | None = None) -> dict[str, str]:
     """The WebUI metadata of a run's LoRA, from its resolved config: what training writes, and what
     `export` writes for a diffusers LoRA with its training_config.json beside it. It holds every
     noise, loss and optimizer setting (`config.training_settings`, kohya's `ss_*` names where kohya has one),
-    the auto offset's choice (`auto`), and for a single-file base its name and hashes."""
+    the auto offset's choice (`auto`), kohya's dataset keys (`dataset`, data/summary.py), and for a
+    single-file base its name and hashes."""
     base_model = cfg.model.pretrained_model_name_or_path
     metadata = training_metadata(
         base=base, rank=rank, lora_alpha=lora_alpha, output_name=output_name, started_at=started_at,
         saved_at=saved_at, steps=steps, learning_rate=cfg.optim.learning_rate, optimizer=cfg.optim.optimizer,
         seed=cfg.train.seed, resolution=cfg.data.resolution, mixed_precision=cfg.train.mixed_precision,
         settings={**training_settings(cfg), "prediction_type": prediction_type, **(auto or {}),
-                  **optimizer_settings(cfg.optim), "save_precision": cfg.train.save_precision,
+                  **optimizer_settings(cfg.optim), "save_precision": cfg.train.save_precision, **(dataset or {}),
                   # LyCORIS's record of an output-axis DoRA, which kohya's own LoRA module lacks
                   **({"network_args": {"dora_wd": "True", "wd_on_out": "True"}} if cfg.adapter.use_dora else {})},
         base_model_name=model_name(base_model) if base_model else None,

@@ -17,6 +17,8 @@ from dreambooth_offset.config.run import CONFIG_NAME
 from dreambooth_offset.data.captions import caption_policy
 from dreambooth_offset.data.dataset_config import read_dataset_config
 from dreambooth_offset.data.subsets import Subset, training_subsets
+from dreambooth_offset.data.summary import RECORD_NAME as DATASET_RECORD, dataset_summary
+from dreambooth_offset.data.summary import write_record as write_dataset_record
 from dreambooth_offset.errors import UsageError
 from dreambooth_offset.noise.auto import AutoOffset, describe
 from dreambooth_offset.training import checkpoint
@@ -115,6 +117,7 @@ class Run:
     started: float  # Unix time the run started
     ema: object | None = None  # --use_ema: diffusers' EMAModel over `params` (training/ema.py)
     held_out: HeldOut | None = None  # --validation_split: the fixed validation-loss inputs
+    dataset: dict | None = None  # kohya's dataset metadata (data/summary.py), written as dataset.json
 
     @property
     def output_dir(self) -> Path:
@@ -148,7 +151,7 @@ def prepare(cfg: RunConfig, resources: ExitStack | None = None) -> Run:
     generator = torch.Generator().manual_seed(cfg.train.seed + 1_000_003 * accelerator.process_index)
     parts = load_parts(cfg.model)
     config = resolve_for_model(cfg, parts)
-    images, captions, sizes, repeats, policies = load_data(config, parts, accelerator, inputs.subsets)
+    images, captions, sizes, repeats, policies, dataset = load_data(config, parts, accelerator, inputs.subsets)
     held = split_held_out((images, captions, sizes, repeats, policies), config.validation.validation_split,
                           config.train.seed)
     if config.noise.zero_terminal_snr or config.loss.prediction_type is not None:  # after the class images
@@ -170,7 +173,7 @@ def prepare(cfg: RunConfig, resources: ExitStack | None = None) -> Run:
                           sizes if parts.family == SDXL else None, repeats, policies)
     run = Run(config, accelerator, generator, parts, unet, *text_encoders, params, optimizer, lr_scheduler, batches,
               auto, 0, started, make_ema(params, config.optim),
-              None if held is None else held_out_set(*held[:3], parts, config))
+              None if held is None else held_out_set(*held[:3], parts, config), dataset)
     run.first_step = start_step(run, inputs.resume)
     return run
 
@@ -198,7 +201,8 @@ def resolve_for_model(cfg: RunConfig, parts: SDParts) -> RunConfig:
 
 
 def load_data(cfg: RunConfig, parts: SDParts, accelerator, subsets: dict[str, list[tuple[Subset, list[Path]]]]):
-    """(images, captions, original sizes, repeats, caption options) per source ("instance", and "class" with prior
+    """(images, captions, original sizes, repeats, caption options) per source, and kohya's
+    dataset summary (data/summary.py) ("instance", and "class" with prior
     preservation: kohya's reg folders, or a class folder whose missing images the base generates
     first): uint8 tensors resized for `cfg.data.resolution`, each image's caption before the
     caption options (its caption file's text, else its subset's caption), each file's (height,
@@ -223,7 +227,7 @@ def load_data(cfg: RunConfig, parts: SDParts, accelerator, subsets: dict[str, li
         if accelerator.is_main_process:
             for (s, ps), caps in zip(found, per_subset):
                 warn_long_captions(ps, caps, s.caption_extension, s.caption_source, parts.tokenizer)
-    return images, captions, sizes, repeats, policies
+    return images, captions, sizes, repeats, policies, dataset_summary(subsets, captions)
 
 
 def warn_long_captions(paths: list[Path], captions: list[str], extension: str, prompt_flag: str, tokenizer) -> None:
@@ -288,6 +292,8 @@ def start_step(run: Run, resume: Path | None) -> int:
         accelerator.print(f"no checkpoint in {run.output_dir} yet: starting from step 0")
     if accelerator.is_main_process:
         run.config.save_json(run.output_dir / CONFIG_NAME)
+        if run.dataset is not None:
+            write_dataset_record(run.output_dir / DATASET_RECORD, run.dataset)
         loggable = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in run.config.to_dict().items()}
         accelerator.init_trackers("dreambooth-offset", config=loggable)  # tensorboard's hparams: scalars, strings
     return first_step

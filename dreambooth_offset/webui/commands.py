@@ -14,6 +14,7 @@ from typing import Mapping
 from dreambooth_offset.config import add_arguments, given_values, load_config
 from dreambooth_offset.config.run import CONFIG_NAME
 from dreambooth_offset.config.commands import ExportConfig, ImportConfig, InspectConfig
+from dreambooth_offset.data.summary import read_record
 from dreambooth_offset.errors import UsageError
 from dreambooth_offset.webui import convert
 from dreambooth_offset.webui.keys import BASES
@@ -123,8 +124,8 @@ def run_export(cfg) -> int:
 
         prediction = run.loss.prediction_type or ("v_prediction" if BASES[base].prediction_type == "v" else "epsilon")
         metadata = run_metadata(run, base=base, rank=rank, lora_alpha=alpha, prediction_type=prediction,
-                                output_name=name, auto=_auto_record(beside))
-        print(f"read {beside / CONFIG_NAME}: resolution, noise and loss settings as training wrote them")
+                                output_name=name, auto=_auto_record(beside), dataset=read_record(beside))
+        print(f"read {beside / CONFIG_NAME}: resolution, noise, loss and dataset settings as training wrote them")
     metadata = {**kept, **metadata}
     kohya = convert.modules_to_kohya(modules, convert.DTYPES[cfg.export.dtype], base)
     sshs = write_webui_file(out, kohya, metadata)

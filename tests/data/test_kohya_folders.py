@@ -72,6 +72,30 @@ def test_train_and_reg_folders_feed_the_batches(tiny_model, tmp_path):
     firsts = Counter("dog" if torch.equal(b.input_ids[0], dog) else "cat" if torch.equal(b.input_ids[0], cat)
                      else "?" for b in rows)
     assert firsts == {"dog": 6, "cat": 2}  # two epochs of 3 + 1 places
+    assert run.dataset == {
+        "tag_frequency": {"1_sks cat": {"sks cat": 1, "sitting": 1}, "3_sks dog": {"sks dog": 1}, "1_dog": {"dog": 2}},
+        "dataset_dirs": {"1_sks cat": {"n_repeats": 1, "img_count": 1}, "3_sks dog": {"n_repeats": 3, "img_count": 1},
+                         "1_dog": {"n_repeats": 1, "img_count": 2}},
+        "num_train_images": 4, "num_reg_images": 2}
+
+
+def test_the_webui_file_carries_kohyas_dataset_keys_and_export_writes_the_same(sd1_model, tmp_path):
+    import json
+
+    from dreambooth_offset.webui.convert import read_lora_file
+
+    train = concepts(tmp_path / "train", {"2_sks dog": [(200, 0, 0), (150, 0, 0)]})
+    (train / "2_sks dog" / "img1.txt").write_text("sks dog, Grass ")
+    out = tmp_path / "out"
+    assert main(flags(sd1_model, "", out, instance_prompt="", train_data_dir=train, caption_extension=".txt",
+                      max_train_steps=1, output_name="sks")) == 0
+    _, trained = read_lora_file(out / "sks.safetensors")
+    assert json.loads(trained["ss_tag_frequency"]) == {"2_sks dog": {"sks dog": 2, "grass": 1}}
+    assert json.loads(trained["ss_dataset_dirs"]) == {"2_sks dog": {"n_repeats": 2, "img_count": 2}}
+    assert (trained["ss_num_train_images"], trained["ss_num_reg_images"]) == ("4", "0")
+    assert main(["export", str(out), "-o", str(tmp_path / "exported.safetensors")]) == 0
+    _, exported = read_lora_file(tmp_path / "exported.safetensors")
+    assert all(exported[k] == trained[k] for k in trained if k.startswith(("ss_tag", "ss_dataset", "ss_num_")))
 
 
 def test_caption_dropout_trains_the_empty_caption(tiny_model, instance_dir, tmp_path):
