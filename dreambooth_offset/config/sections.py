@@ -49,6 +49,12 @@ class DataConfig:
         "", "kohya's dataset config TOML ([general], [[datasets]], [[datasets.subsets]] with image_dir, "
         "num_repeats, class_tokens, is_reg, caption options, ...) instead of the folder flags; its resolution, "
         "batch_size, flip_aug and random_crop set the run's (docs/datasets.md).")
+    dataset_name: str = option(
+        "", "A local dataset that `datasets` reads, as diffusers' scripts take it: an image folder with "
+        "metadata.jsonl / metadata.csv, or a save_to_disk folder; nothing is downloaded.")
+    image_column: str = option("image", "--dataset_name: the column of images.")
+    caption_column: str | None = option(
+        None, "--dataset_name: the column of captions. Default: none (every image trains with --instance_prompt).")
     resolution: int | None = option(
         None, "Image side in pixels, a multiple of 8. Default: the model's own (UNet sample_size x the VAE's "
         "downsampling: 512 for SD 1.5, 768 for SD 2.x-v)."
@@ -94,9 +100,9 @@ class DataConfig:
         named = [k for k in ("instance_data_dir", "train_data_dir", "reg_data_dir", "class_data_dir") if getattr(self, k)]
         if self.dataset_config and named:
             raise UsageError(f"dataset_config and {named[0]} both set: the dataset file names every image folder")
-        if self.instance_data_dir and self.train_data_dir:
-            raise UsageError("instance_data_dir and train_data_dir both set: use one (train_data_dir holds kohya's "
-                             "N_name folders)")
+        sources = [k for k in ("instance_data_dir", "train_data_dir", "dataset_name", "dataset_config") if getattr(self, k)]
+        if len(sources) > 1:
+            raise UsageError(f"{sources[0]} and {sources[1]} both set: use one source of training images")
         if self.reg_data_dir and self.with_prior_preservation:
             raise UsageError("reg_data_dir and with_prior_preservation both set: reg_data_dir already turns prior "
                              "preservation on, with its images as the class images")

@@ -22,11 +22,13 @@ class Subset:
     flag: str = "instance_data_dir"  # the flag that named it, for error messages
     caption_extension: str = ""  # its images' caption files: <stem><caption_extension>; "" for none
     policy: CaptionPolicy = CaptionPolicy()  # the caption options for its images
+    captions: tuple[str, ...] | None = None  # --dataset_name: each image's caption, from its column
 
     @property
     def caption_source(self) -> str:
         """Where `caption` comes from, for messages about it."""
-        prompts = {"instance_data_dir": "--instance_prompt", "class_data_dir": "--class_prompt"}
+        prompts = {"instance_data_dir": "--instance_prompt", "class_data_dir": "--class_prompt",
+                   "dataset_name": f"--caption_column of {self.image_dir}"}
         return prompts.get(self.flag, f"the folder name of {self.image_dir}")
 
 
@@ -57,7 +59,9 @@ def training_subsets(data) -> dict[str, list[Subset]]:
     options. A --class_data_dir's subset is made once its missing images are generated; a
     --dataset_config file's come from data/dataset_config.py."""
     ext, policy = data.caption_extension, caption_policy(data)
-    if data.train_data_dir:
+    if data.dataset_name:
+        subsets = {"instance": []}  # data/hf_dataset.py reads it
+    elif data.train_data_dir:
         subsets = {"instance": kohya_subsets(data.train_data_dir, "train_data_dir", ext, policy)}
     else:
         subsets = {"instance": [Subset(Path(data.instance_data_dir), data.instance_prompt, 1, "instance_data_dir",

@@ -7,6 +7,8 @@ batch.
 """
 from __future__ import annotations
 
+import io
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from dreambooth_offset.data.hf_dataset import EmbeddedImage
 from dreambooth_offset.errors import UsageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -46,17 +49,25 @@ def find_images(folder: str | Path, flag: str, allow_empty: bool = False, captio
     return paths
 
 
-def check_image(path: Path) -> None:
+def open_image(image: Path | EmbeddedImage) -> Image.Image:
+    """An image file, or an image a dataset holds as bytes, opened (not decoded) by Pillow."""
+    return Image.open(io.BytesIO(image.data) if isinstance(image, EmbeddedImage) else image)
+
+
+def check_image(path: Path | EmbeddedImage) -> None:
     """Decode `path` fully (truncated files pass a header check) or raise naming it."""
-    if path.stat().st_size == 0:
+    if (len(path.data) if isinstance(path, EmbeddedImage) else path.stat().st_size) == 0:
         raise UsageError(f"{path}: an empty file (0 bytes), not an image; remove it or replace it")
     try:
         with warnings.catch_warnings():
             # Pillow only warns between 1x and 2x its pixel limit; such a file would still take
             # gigabytes to decode, so it is refused like the larger ones Pillow refuses itself.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with open_image(path) as img:
                 img.load()
+                frames = getattr(img, "n_frames", 1)
+        if frames > 1:
+            print(f"warning: {path} has {frames} frames (an animation); training uses the first", file=sys.stderr)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise UsageError(f"{path}: too many pixels to decode safely ({err}); resize it first") from None
     except PermissionError as err:
@@ -81,15 +92,28 @@ def read_captions(paths: list[Path], extension: str, prompt: str) -> list[str]:
     return captions
 
 
-def load_resized(paths: list[Path], resolution: int) -> list[Tensor]:
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB. Pillow's own conversion clips 16- and 32-bit greyscale at 255 (an almost white
+    image), so those are scaled to 8 bits first (16-bit: / 257; float: [0, 1] -> [0, 255]);
+    palette, greyscale, RGBA (alpha dropped), CMYK and 48-bit RGB go through Pillow."""
+    if img.mode.startswith("I") or img.mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        scale = 255.0 if img.mode == "F" else 1 / 257
+        img = Image.fromarray(np.clip(np.round(values * scale), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
+def load_resized(paths: list[Path | EmbeddedImage], resolution: int) -> list[Tensor]:
     """Decode with `datasets`, honour EXIF orientation, convert to RGB, resize the shorter side to
     `resolution` (bilinear, as diffusers' scripts); uint8 tensors (3, H, W)."""
     import datasets
 
-    ds = datasets.Dataset.from_dict({"image": [str(p) for p in paths]}).cast_column("image", datasets.Image())
+    cells = [{"path": None, "bytes": p.data} if isinstance(p, EmbeddedImage) else {"path": str(p), "bytes": None}
+             for p in paths]
+    ds = datasets.Dataset.from_dict({"image": cells}).cast_column("image", datasets.Image())
     out = []
     for row in ds:
-        img = ImageOps.exif_transpose(row["image"]).convert("RGB")
+        img = to_rgb(ImageOps.exif_transpose(row["image"]))
         scale = resolution / min(img.size)
         size = (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale)))
         img = img.resize(size, Image.BILINEAR)
@@ -97,12 +121,12 @@ def load_resized(paths: list[Path], resolution: int) -> list[Tensor]:
     return out
 
 
-def original_sizes(paths: list[Path]) -> list[tuple[int, int]]:
+def original_sizes(paths: list[Path | EmbeddedImage]) -> list[tuple[int, int]]:
     """(height, width) of each image file as it is shown (EXIF orientation applied), read from its
     header: SDXL's `original_size` conditioning."""
     sizes = []
     for path in paths:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             width, height = img.size
             if img.getexif().get(0x0112) in (5, 6, 7, 8):  # the orientations that turn it by 90 degrees
                 width, height = height, width

@@ -16,6 +16,7 @@ from dreambooth_offset.config import RunConfig
 from dreambooth_offset.config.run import CONFIG_NAME
 from dreambooth_offset.data.captions import caption_policy
 from dreambooth_offset.data.dataset_config import read_dataset_config
+from dreambooth_offset.data.hf_dataset import dataset_subset
 from dreambooth_offset.data.subsets import Subset, training_subsets
 from dreambooth_offset.data.summary import RECORD_NAME as DATASET_RECORD, dataset_summary
 from dreambooth_offset.data.summary import write_record as write_dataset_record
@@ -44,8 +45,9 @@ class Inputs(NamedTuple):
 
 def check_inputs(cfg: RunConfig) -> Inputs:
     """Everything that can be checked before a model loads; raises UsageError naming the culprit."""
-    if not (cfg.data.instance_data_dir or cfg.data.train_data_dir or cfg.data.dataset_config):
-        raise UsageError("--instance_data_dir (or kohya's --train_data_dir or --dataset_config) is required")
+    if not (cfg.data.instance_data_dir or cfg.data.train_data_dir or cfg.data.dataset_config or cfg.data.dataset_name):
+        raise UsageError("--instance_data_dir (or kohya's --train_data_dir / --dataset_config, or --dataset_name) "
+                         "is required")
     if cfg.data.instance_data_dir and not cfg.data.instance_prompt:
         raise UsageError("--instance_prompt is required")
     captions = cfg.data.caption_extension
@@ -57,6 +59,8 @@ def check_inputs(cfg: RunConfig) -> Inputs:
         named = training_subsets(cfg.data)
     subsets = {source: [(s, find_images(s.image_dir, s.flag, caption_extension=s.caption_extension)) for s in found]
                for source, found in named.items()}
+    if cfg.data.dataset_name:
+        subsets["instance"] = [dataset_subset(cfg.data)]
     if cfg.data.with_prior_preservation and Path(cfg.data.class_data_dir).is_dir():
         find_images(cfg.data.class_data_dir, "class_data_dir", allow_empty=True, caption_extension=captions)
     out = Path(cfg.train.output_dir)
@@ -218,7 +222,8 @@ def load_data(cfg: RunConfig, parts: SDParts, accelerator, subsets: dict[str, li
     images, captions, sizes, repeats, policies = {}, {}, {}, {}, {}
     for src, found in subsets.items():
         paths = [p for _, ps in found for p in ps]
-        per_subset = [read_captions(ps, s.caption_extension, s.caption) for s, ps in found]
+        per_subset = [list(s.captions) if s.captions is not None else read_captions(ps, s.caption_extension, s.caption)
+                      for s, ps in found]
         images[src] = load_resized(paths, res)
         captions[src] = [c for caps in per_subset for c in caps]
         sizes[src] = original_sizes(paths)

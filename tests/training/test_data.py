@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -67,3 +68,19 @@ def test_sidecar_captions_override_the_folder_prompt(tmp_path):
     (tmp_path / "b.caption").write_bytes(b"\xff\xfe not utf-8 \xc3")
     with pytest.raises(UsageError, match="b.caption"):
         read_captions(paths, ".caption", "x")
+
+
+def test_deep_cmyk_and_animated_images_are_converted_as_shown(tmp_path, capsys):
+    ramp = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")  # Pillow opens it as I;16
+    Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 255, 0))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
+    paths = find_images(tmp_path, "instance_data_dir")
+    assert "anim.gif has 2 frames (an animation); training uses the first" in capsys.readouterr().err
+    out = dict(zip((p.name for p in paths), load_resized(paths, 16)))
+    grey = out["grey16.png"][0].float()
+    # the 16-bit ramp maps to 8 bits by / 257: its mean stays mid-grey (Pillow's clip gave ~254)
+    assert abs(grey.mean().item() - 127.5) < 1.0 and grey.min() == 0 and grey.max() == 255
+    assert out["cmyk.jpg"].float().mean(dim=(1, 2)).tolist() == [255.0, 0.0, 0.0]
+    assert out["anim.gif"].float().mean(dim=(1, 2)).tolist() == [255.0, 0.0, 0.0]
