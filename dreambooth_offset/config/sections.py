@@ -60,6 +60,14 @@ class DataConfig:
         "downsampling: 512 for SD 1.5, 768 for SD 2.x-v)."
     )
     center_crop: bool = option(False, "Center-crop to the resolution (else a random crop).")
+    enable_bucket: bool = option(
+        False, "Aspect-ratio buckets (kohya's): each image trains at the size of about resolution^2 pixels whose "
+        "aspect ratio is nearest its own, every batch from one bucket; class images take the batch's bucket.")
+    min_bucket_reso: int = option(256, "--enable_bucket: the smallest bucket side.")
+    max_bucket_reso: int = option(1024, "--enable_bucket: the largest bucket side (SDXL: 2048, as kohya's guide).")
+    bucket_reso_steps: int = option(64, "--enable_bucket: bucket sides are multiples of this (a multiple of 8).")
+    bucket_no_upscale: bool = option(
+        False, "--enable_bucket: buckets of each image's own shape, never larger than the image.")
     random_flip: bool = option(False, "Flip images horizontally at random.")
     train_batch_size: int = option(1, "Instance images per step and process.")
     with_prior_preservation: bool = option(False, "Add class images and a prior-preservation loss.")
@@ -97,6 +105,12 @@ class DataConfig:
         if self.caption_extension and not self.caption_extension.startswith("."):
             raise UsageError(f"caption_extension = {self.caption_extension!r}: it must start with a dot, e.g. '.txt'")
         check_positive(self, "train_batch_size", "sample_batch_size")
+        if self.bucket_reso_steps < 8 or self.bucket_reso_steps % 8:
+            raise UsageError(f"bucket_reso_steps = {self.bucket_reso_steps}: it must be a positive multiple of 8")
+        if not (self.bucket_reso_steps <= self.min_bucket_reso <= self.max_bucket_reso) or \
+                self.min_bucket_reso % self.bucket_reso_steps or self.max_bucket_reso % self.bucket_reso_steps:
+            raise UsageError(f"min_bucket_reso / max_bucket_reso = {self.min_bucket_reso} / {self.max_bucket_reso}: "
+                             f"multiples of bucket_reso_steps ({self.bucket_reso_steps}), min <= max")
         named = [k for k in ("instance_data_dir", "train_data_dir", "reg_data_dir", "class_data_dir") if getattr(self, k)]
         if self.dataset_config and named:
             raise UsageError(f"dataset_config and {named[0]} both set: the dataset file names every image folder")

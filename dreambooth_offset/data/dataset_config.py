@@ -23,19 +23,21 @@ SUBSET_KEYS: dict[str, type | tuple[type, ...]] = {
 }
 # Dataset keys (also valid in [general]): the run's resolution and batch size.
 DATASET_KEYS: dict[str, type | tuple[type, ...]] = {
-    "resolution": (int, list), "batch_size": int, "enable_bucket": bool,
+    "resolution": (int, list), "batch_size": int, "enable_bucket": bool, "min_bucket_reso": int,
+    "max_bucket_reso": int, "bucket_reso_steps": int, "bucket_no_upscale": bool,
 }
 # kohya keys not supported here (yet): named as such rather than as typos.
 KOHYA_UNSUPPORTED = {
     "caption_separator", "keep_tokens_separator", "secondary_separator", "enable_wildcard", "color_aug",
     "face_crop_aug_range", "caption_dropout_every_n_epochs", "token_warmup_min", "token_warmup_step",
     "cache_info", "alpha_mask", "custom_attributes", "metadata_file", "conditioning_data_dir",
-    "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale", "network_multiplier",
+    "network_multiplier",
     "validation_seed", "validation_split", "resize_interpolation", "debug_dataset",
 }
 # What a run-wide key of the file sets in the run's DataConfig.
 RUN_KEYS = {"resolution": "resolution", "batch_size": "train_batch_size", "flip_aug": "random_flip",
-            "random_crop": "center_crop"}
+            "random_crop": "center_crop", **{k: k for k in ("enable_bucket", "min_bucket_reso", "max_bucket_reso",
+                                                             "bucket_reso_steps", "bucket_no_upscale")}}
 
 
 class DatasetFile(NamedTuple):
@@ -106,9 +108,6 @@ def read_dataset_config(path: str | Path, caption_defaults: CaptionPolicy, capti
                     if run.setdefault(setting, value) != value:
                         raise UsageError(f"{source}: {where}: {key} differs between subsets; this trainer takes "
                                          "one value per run")
-            if s.get("enable_bucket"):
-                raise UsageError(f"{source}: {where}: enable_bucket = true: aspect-ratio buckets are not supported "
-                                 "yet; set it to false (images are resized and cropped to one square)")
             subsets["class" if s.get("is_reg") else "instance"].append(_subset(s, where, source, caption_defaults,
                                                                              caption_extension))
     if not subsets["instance"]:

@@ -19,8 +19,9 @@ from torch import Tensor
 
 from dreambooth_offset.config import DataConfig
 from dreambooth_offset.data.captions import CaptionPolicy, apply_policy, caption_policy
-from dreambooth_offset.training.data import (Example, crop_is_random, crop_top_left, draw_examples, epoch_indices,
-                                             stack_pixels)
+from dreambooth_offset.data.buckets import epoch_batches
+from dreambooth_offset.training.data import (Example, crop_is_random, crop_top_left, draw_bucket_examples, draw_examples,
+                                             epoch_indices, stack_pixels)
 from dreambooth_offset.training.family import Conditioning, encode_prompts, time_ids, tokenize
 from dreambooth_offset.training.models import latent_distribution, sample_latents
 
@@ -39,11 +40,14 @@ class BatchSource:
     def __init__(self, images: dict[str, list[Tensor]], captions: dict[str, list[str]], cfg: DataConfig,
                  parts, train_text_encoder: bool, seed: int, process_index: int, num_processes: int,
                  sizes: dict[str, list[tuple[int, int]]] | None = None, repeats: dict[str, list[int]] | None = None,
-                 policies: dict[str, list[CaptionPolicy]] | None = None):
+                 policies: dict[str, list[CaptionPolicy]] | None = None,
+                 buckets: list[tuple[int, int]] | None = None):
         """`captions[source][i]` is the caption of `images[source][i]` before the caption options,
         `repeats[source][i]` its repeats (default 1), `policies[source][i]` its caption options
         (default: the flags'). `sizes[source][i]` is the image's original (height, width); given
-        (SDXL), every batch carries its rows' time ids."""
+        (SDXL), every batch carries its rows' time ids. `buckets[i]` (--enable_bucket) is instance
+        image i's bucket (width, height): each batch's instance rows then come from one bucket, and
+        its class rows are cropped to the same one."""
         self.images, self.cfg, self.vae, self.seed, self.sizes = images, cfg, parts.vae, seed, sizes
         self.process_index, self.num_processes = process_index, num_processes
         self.slots = {src: [i for i, r in enumerate((repeats or {}).get(src) or [1] * len(imgs)) for _ in range(r)]
@@ -61,6 +65,19 @@ class BatchSource:
                 with torch.no_grad():
                     self.embeddings = encode_prompts(parts.text_encoders, self.input_ids)
         self.cache = None if any(crop_is_random(imgs, cfg.resolution, cfg.center_crop) for imgs in images.values()) else {}
+        self.slot_buckets, self._epoch = None, (None, None)
+        if buckets is not None:
+            self.slot_buckets = [buckets[i] for i in self.slots["instance"]]
+            self.batches_per_epoch = len(epoch_batches(self.slot_buckets, cfg.train_batch_size, seed, 0, 0))
+            self.cache = {} if cfg.center_crop else None
+
+    def _bucket_batch(self, k: int) -> list[int]:
+        """The instance slots of global batch `k` in bucket mode (one epoch's batch list kept)."""
+        epoch, pos = divmod(k, self.batches_per_epoch)
+        if self._epoch[0] != epoch:
+            self._epoch = (epoch, epoch_batches(self.slot_buckets, self.cfg.train_batch_size, self.seed,
+                                                STREAMS["instance"], epoch))
+        return self._epoch[1][pos]
 
     def _posterior(self, examples: list[Example]) -> tuple[Tensor, Tensor]:
         if self.cache is None:
@@ -76,14 +93,32 @@ class BatchSource:
 
     def __call__(self, micro_step: int, generator: torch.Generator) -> Batch:
         """The batch of this process for global micro-step `micro_step` (0, 1, 2, ...)."""
+        k = micro_step * self.num_processes + self.process_index  # the global batch
+        if self.slot_buckets is not None:
+            return self._from_bucket(k, generator)
         b = self.cfg.train_batch_size
-        start = (micro_step * self.num_processes + self.process_index) * b
-        examples = []
+        start, examples = k * b, []
         for source, imgs in self.images.items():
             slots = self.slots[source]
             indices = [slots[k] for k in epoch_indices(len(slots), start, b, self.seed, STREAMS[source])]
             examples += draw_examples(source, imgs, indices, self.cfg.resolution, self.cfg.center_crop,
                                       self.cfg.random_flip, generator)
+        return self._batch(examples, generator)
+
+    def _from_bucket(self, k: int, generator: torch.Generator) -> Batch:
+        slots = self._bucket_batch(k)
+        bucket = self.slot_buckets[slots[0]]
+        n, flips = len(slots), (self.cfg.center_crop, self.cfg.random_flip)
+        examples = draw_bucket_examples("instance", self.images["instance"], [self.slots["instance"][s] for s in slots],
+                                        bucket, *flips, generator)
+        if "class" in self.images:  # as many class rows as instance rows, cropped to the batch's bucket
+            class_slots = self.slots["class"]
+            indices = [class_slots[j] for j in epoch_indices(len(class_slots), k * self.cfg.train_batch_size, n,
+                                                             self.seed, STREAMS["class"])]
+            examples += draw_bucket_examples("class", self.images["class"], indices, bucket, *flips, generator)
+        return self._batch(examples, generator)
+
+    def _batch(self, examples: list[Example], generator: torch.Generator) -> Batch:
         mean, std = self._posterior(examples)
         latents = sample_latents(mean, std, self.vae.config, generator)
         if self.random_captions:
@@ -101,5 +136,6 @@ class BatchSource:
             return None
         res = self.cfg.resolution
         return torch.stack([time_ids(self.sizes[e.source][e.index],
-                                     crop_top_left(e, self.images[e.source][e.index].shape[2], res), (res, res))
+                                     crop_top_left(e, self.images[e.source][e.index].shape[2], res),
+                                     e.target or (res, res))
                             for e in examples])

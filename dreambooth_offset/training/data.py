@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from dreambooth_offset.data.buckets import crop_size
 from dreambooth_offset.data.hf_dataset import EmbeddedImage
 from dreambooth_offset.errors import UsageError
 
@@ -138,8 +139,12 @@ def crop_top_left(example: Example, width: int, resolution: int) -> tuple[int, i
     """Where the crop of `example` starts in its resized image of `width` pixels, as SDXL's
     conditioning counts it: diffusers' SDXL scripts flip before cropping, so a flipped crop's left
     edge is measured in the mirrored image."""
-    left = width - example.left - resolution if example.flip else example.left
-    return example.top, left
+    crop_width = resolution if example.crop is None else example.crop[1]
+    left = width - example.left - crop_width if example.flip else example.left
+    if example.crop is None:
+        return example.top, left
+    scale = example.target[1] / crop_width  # a bucket's crop is resized to the bucket: count in that scale
+    return round(example.top * scale), round(left * scale)
 
 
 def crop_is_random(images: list[Tensor], resolution: int, center_crop: bool) -> bool:
@@ -167,6 +172,8 @@ class Example:
     top: int
     left: int
     flip: bool
+    crop: tuple[int, int] | None = None  # buckets: (height, width) of the crop, resized to `target`
+    target: tuple[int, int] | None = None  # buckets: the (height, width) the row trains at
 
 
 def epoch_indices(n: int, start: int, count: int, seed: int, stream: int) -> list[int]:
@@ -206,4 +213,35 @@ def draw_examples(
 
 
 def stack_pixels(examples: list[Example], sets: dict[str, list[Tensor]], resolution: int) -> Tensor:
-    return torch.stack([to_pixels(sets[e.source][e.index], e.top, e.left, e.flip, resolution) for e in examples])
+    return torch.stack([to_pixels(sets[e.source][e.index], e.top, e.left, e.flip, resolution) if e.crop is None
+                        else bucket_pixels(sets[e.source][e.index], e) for e in examples])
+
+
+def bucket_pixels(img: Tensor, e: Example) -> Tensor:
+    """A bucket row: the crop, mirrored if drawn so, resized to the bucket (bilinear with
+    antialiasing: it only ever shrinks, data/buckets.py), mapped to [-1, 1]."""
+    (h, w), target = e.crop, e.target
+    crop = img[:, e.top : e.top + h, e.left : e.left + w].float()
+    if e.flip:
+        crop = crop.flip(-1)
+    if (h, w) != target:
+        crop = torch.nn.functional.interpolate(crop[None], size=target, mode="bilinear", antialias=True,
+                                               align_corners=False)[0]
+    return crop / 127.5 - 1.0
+
+
+def draw_bucket_examples(source: str, images: list[Tensor], indices: list[int], bucket: tuple[int, int],
+                         center_crop: bool, random_flip: bool, generator: torch.Generator) -> list[Example]:
+    """As draw_examples, for a batch trained at `bucket` (width, height): each image's largest crop
+    of the bucket's aspect ratio, at a random (or the centre) offset."""
+    examples = []
+    for i in indices:
+        img = images[i]
+        h, w = crop_size(tuple(img.shape[1:]), bucket)
+        top, left = (img.shape[1] - h) // 2, (img.shape[2] - w) // 2
+        if not center_crop:
+            top = int(torch.randint(0, img.shape[1] - h + 1, (1,), generator=generator))
+            left = int(torch.randint(0, img.shape[2] - w + 1, (1,), generator=generator))
+        flip = bool(torch.rand((), generator=generator) < 0.5) if random_flip else False
+        examples.append(Example(source, i, top, left, flip, (h, w), (bucket[1], bucket[0])))
+    return examples

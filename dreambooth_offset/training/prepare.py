@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import time
+from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 
 from dreambooth_offset.config import RunConfig
 from dreambooth_offset.config.run import CONFIG_NAME
+from dreambooth_offset.data.buckets import assign_buckets, bucket_info, bucket_table
 from dreambooth_offset.data.captions import caption_policy
 from dreambooth_offset.data.dataset_config import read_dataset_config
 from dreambooth_offset.data.hf_dataset import dataset_subset
@@ -156,8 +158,17 @@ def prepare(cfg: RunConfig, resources: ExitStack | None = None) -> Run:
     parts = load_parts(cfg.model)
     config = resolve_for_model(cfg, parts)
     images, captions, sizes, repeats, policies, dataset = load_data(config, parts, accelerator, inputs.subsets)
-    held = split_held_out((images, captions, sizes, repeats, policies), config.validation.validation_split,
-                          config.train.seed)
+    per_image = (images, captions, sizes, repeats, policies)
+    buckets = None
+    if config.data.enable_bucket:
+        names = [p for _, ps in inputs.subsets["instance"] for p in ps]
+        buckets = {"instance": assign_buckets(sizes["instance"], names, config.data)}
+        accelerator.print(bucket_table(Counter(buckets["instance"])))
+        dataset["bucket_info"] = bucket_info(buckets["instance"], sizes["instance"], repeats["instance"])
+        dataset.update({k: getattr(config.data, k) for k in ("enable_bucket", "min_bucket_reso", "max_bucket_reso",
+                                                             "bucket_no_upscale")})  # kohya's ss_* names
+        per_image += (buckets,)
+    held = split_held_out(per_image, config.validation.validation_split, config.train.seed)
     if config.noise.zero_terminal_snr or config.loss.prediction_type is not None:  # after the class images
         parts = parts._replace(noise_scheduler=training_scheduler(
             parts.noise_scheduler.config, config.noise.zero_terminal_snr, config.loss.prediction_type))
@@ -174,7 +185,8 @@ def prepare(cfg: RunConfig, resources: ExitStack | None = None) -> Run:
     unet, text_encoders, params, optimizer, lr_scheduler = make_trainable(config, parts, accelerator)
     batches = BatchSource(images, captions, config.data, parts, any(t is not None for t in text_encoders),
                           config.train.seed, accelerator.process_index, accelerator.num_processes,
-                          sizes if parts.family == SDXL else None, repeats, policies)
+                          sizes if parts.family == SDXL else None, repeats, policies,
+                          None if buckets is None else buckets["instance"])
     run = Run(config, accelerator, generator, parts, unet, *text_encoders, params, optimizer, lr_scheduler, batches,
               auto, 0, started, make_ema(params, config.optim),
               None if held is None else held_out_set(*held[:3], parts, config), dataset)

@@ -24,6 +24,6 @@ def test_the_example_kohya_dataset_file_reads():
 
     path = CONFIGS[0].parent / "datasets" / "kohya-dataset.toml"
     found = read_dataset_config(path, CaptionPolicy(), "")
-    assert found.settings == {"resolution": 512, "train_batch_size": 2, "random_flip": False}
+    assert found.settings == {"resolution": 512, "train_batch_size": 2, "random_flip": False, "enable_bucket": False}
     assert [(s.caption, s.num_repeats) for s in found.subsets["instance"]] == [("sks dog", 10)]
     assert found.subsets["class"][0].policy == CaptionPolicy(keep_tokens=1)
