@@ -119,3 +119,22 @@ def overrides(model, instance_dir, out, **extra):
               "max_train_steps": 4, "learning_rate": 1e-2, "output_dir": str(out), "report_to": "none"}
     values.update(extra)
     return load_config(None, values)
+
+
+def assert_resume_is_bit_exact(model, instance_dir, tmp_path, weight: str = "pytorch_lora_weights.safetensors",
+                               **common) -> dict:
+    """Train with `common` (checkpointing at step 2) into a/, then into c/ resumed from a copy of
+    a's checkpoint-2: the final adapter files are bit-identical. Returns a's tensors."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from dreambooth_offset.cli import main
+
+    assert main(flags(model, instance_dir, tmp_path / "a", **common)) == 0
+    (tmp_path / "c").mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "c" / "checkpoint-2")
+    assert main(flags(model, instance_dir, tmp_path / "c", resume_from_checkpoint="latest", **common)) == 0
+    a, c = (load_file(tmp_path / run / weight) for run in ("a", "c"))
+    assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
+    return a

@@ -144,7 +144,11 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    rank: int = option(4, "LoRA rank.")
+    network_type: str = option(
+        "lora", "The adapter: 'lora', or LyCORIS's 'loha' (Hadamard product of two low-rank pairs) / 'lokr' "
+        "(Kronecker product), peft's LoHaConfig / LoKrConfig, written in LyCORIS's WebUI keys (docs/usage.md).",
+        ("lora", "loha", "lokr"))
+    rank: int = option(4, "LoRA rank (LoHa / LoKr: their rank).")
     lora_alpha: float | None = option(
         None, "LoRA alpha; the update is scaled by alpha/rank. Default: rank (export: the file's record)."
     )
@@ -180,6 +184,11 @@ class AdapterConfig:
             raise UsageError(f"lora_dropout = {self.lora_dropout}: it must be in [0, 1)")
         if not self.unet_target_modules:
             raise UsageError("unet_target_modules is empty")
+        if self.network_type != "lora":
+            for name, value in (("use_dora", self.use_dora), ("lora_dropout", self.lora_dropout),
+                                ("network_weights", self.network_weights)):
+                if value:
+                    raise UsageError(f"{name} with network_type = {self.network_type!r}: it applies to LoRA only")
 
     @property
     def alpha(self) -> float:

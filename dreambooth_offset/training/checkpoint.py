@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from dreambooth_offset.config.run import CONFIG_NAME, RESUME_MAY_CHANGE, RunConfig, resume_differences
 from dreambooth_offset.errors import UsageError
-from dreambooth_offset.training.lora import LORA_WEIGHT_NAME
+from dreambooth_offset.training.lora import LORA_WEIGHT_NAME, adapter_file, load_adapter_file
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -54,7 +54,7 @@ def check_complete(path: Path) -> None:
     """Refuse a checkpoint with a missing, empty or truncated file, naming it."""
     from safetensors import SafetensorError
 
-    for name in (_state_file(0), LORA_WEIGHT_NAME, "optimizer.bin", "scheduler.bin", "random_states_0.pkl"):
+    for name in (_state_file(0), adapter_file(path).name, "optimizer.bin", "scheduler.bin", "random_states_0.pkl"):
         file = path / name
         if not file.is_file() or file.stat().st_size == 0:
             raise UsageError(f"--resume_from_checkpoint {path}: {name} is missing or empty; resume from another "
@@ -127,6 +127,10 @@ def register_lora_hooks(accelerator, unet, text_encoder=None, text_encoder_2=Non
 
     def load_hook(models, input_dir):
         models.clear()
+        file = adapter_file(input_dir)
+        if file.name != LORA_WEIGHT_NAME:  # LoHa / LoKr
+            components = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+            return load_adapter_file(file, {c: m and accelerator.unwrap_model(m) for c, m in components.items()})
         state, _ = StableDiffusionPipeline.lora_state_dict(input_dir, weight_name=LORA_WEIGHT_NAME)
         unet_state = {k[len("unet.") :]: v for k, v in state.items() if k.startswith("unet.")}
         set_peft_model_state_dict(accelerator.unwrap_model(unet), convert_unet_state_dict_to_peft(unet_state))

@@ -1,6 +1,7 @@
 """LoRA through peft: inject adapters, collect their weights, write the diffusers LoRA file."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from contextlib import contextmanager
@@ -15,9 +16,19 @@ from dreambooth_offset.errors import UsageError
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' load_lora_weights looks for
 
 
-def _lora_config(cfg: AdapterConfig, target_modules: tuple[str, ...]):
-    from peft import LoraConfig
+def weight_name(network_type: str = "lora") -> str:
+    """The output file of an adapter type: diffusers' name for LoRA; `pytorch_loha_weights` /
+    `pytorch_lokr_weights.safetensors`, the same layout (component-prefixed peft keys, the peft
+    configs in the header), for LoHa / LoKr, which diffusers does not load."""
+    return f"pytorch_{network_type}_weights.safetensors"
 
+
+def _lora_config(cfg: AdapterConfig, target_modules: tuple[str, ...]):
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    if cfg.network_type != "lora":  # their init makes the update zero, as LoRA's does
+        config = LoHaConfig if cfg.network_type == "loha" else LoKrConfig
+        return config(r=cfg.rank, alpha=cfg.alpha, target_modules=list(target_modules), init_weights=True)
     return LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
@@ -132,7 +143,38 @@ def write_diffusers_lora(directory: str | Path, unet_state: dict | None, text_en
 
 def save_lora(directory: str | Path, unet, text_encoder=None, text_encoder_2=None,
               dtype: torch.dtype = torch.float32) -> Path:
-    """The adapters of `unet` (and the text encoders given) as the diffusers LoRA file in `directory`."""
+    """The adapters of `unet` (and the text encoders given) as the diffusers LoRA file in `directory`
+    (LoHa / LoKr: `weight_name`'s file, written atomically)."""
+    network_type = str(unet.peft_config["default"].peft_type.value).lower()
+    if network_type != "lora":
+        from dreambooth_offset.webui.metadata import write_webui_file
+
+        models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+        tensors = {f"{c}.{k}": v for c, m in models.items() if m is not None for k, v in adapter_state(m, dtype).items()}
+        configs = {c: adapter_metadata(m) for c, m in models.items() if m is not None}
+        path = Path(directory) / weight_name(network_type)
+        write_webui_file(path, tensors, {"adapter_metadata": json.dumps(configs, default=str)})
+        return path
     return write_diffusers_lora(directory, adapter_state(unet, dtype), adapter_state(text_encoder, dtype),
                                 adapter_metadata(unet), adapter_metadata(text_encoder),
                                 adapter_state(text_encoder_2, dtype), adapter_metadata(text_encoder_2))
+
+
+def adapter_file(directory: str | Path) -> Path:
+    """The adapter file in `directory`: the LoRA one, else a LoHa / LoKr one (the LoRA name when none is there)."""
+    directory = Path(directory)
+    return next((directory / weight_name(t) for t in ("lora", "loha", "lokr") if (directory / weight_name(t)).is_file()),
+                directory / LORA_WEIGHT_NAME)
+
+
+def load_adapter_file(path: str | Path, models: dict[str, torch.nn.Module | None]) -> None:
+    """Put a LoHa / LoKr file's weights (`save_lora`'s layout) into the adapters of `models`
+    (component -> model, as in the file's key prefixes)."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(path)
+    for component, model in models.items():
+        if model is not None:
+            prefix = component + "."
+            set_peft_model_state_dict(model, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})

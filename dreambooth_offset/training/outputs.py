@@ -13,7 +13,9 @@ from dreambooth_offset.training.lora import adapter_state, save_lora
 from dreambooth_offset.training.models import model_name
 from dreambooth_offset.training.single_file import file_hashes
 from dreambooth_offset.webui.keys import base_for, layout_of
-from dreambooth_offset.webui.metadata import save_webui_lora, training_metadata
+from dreambooth_offset.webui.convert import COMPONENTS
+from dreambooth_offset.webui.lycoris import lycoris_tensors
+from dreambooth_offset.webui.metadata import save_webui_lora, training_metadata, write_webui_file
 
 
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -35,8 +37,14 @@ def write_lora_files(directory: Path, run, step: int, final: bool = False) -> Pa
         metadata = run_metadata(cfg, base=base, rank=cfg.adapter.rank, lora_alpha=cfg.adapter.alpha,
                                 prediction_type=scheduler.config.prediction_type, output_name=name,
                                 auto=auto_metadata(run.auto), dataset=run.dataset, steps=step, started_at=run.started, saved_at=time.time())
-        save_webui_lora(directory / f"{name}.safetensors", *map(adapter_state, (unet, *encoders)),
-                        lora_alpha=cfg.adapter.alpha, rank=cfg.adapter.rank, metadata=metadata, base=base, dtype=dtype)
+        states = list(map(adapter_state, (unet, *encoders)))
+        if cfg.adapter.network_type == "lora":
+            save_webui_lora(directory / f"{name}.safetensors", *states, lora_alpha=cfg.adapter.alpha,
+                            rank=cfg.adapter.rank, metadata=metadata, base=base, dtype=dtype)
+        else:
+            tensors = lycoris_tensors(dict(zip(COMPONENTS, states)), cfg.adapter.network_type, cfg.adapter.rank,
+                                      cfg.adapter.alpha, base, dtype)
+            write_webui_file(directory / f"{name}.safetensors", tensors, metadata)
     return path
 
 
@@ -57,7 +65,9 @@ def run_metadata(cfg: RunConfig, *, base: str, rank: int, lora_alpha: float, pre
         settings={**training_settings(cfg), "prediction_type": prediction_type, **(auto or {}),
                   **optimizer_settings(cfg.optim), "save_precision": cfg.train.save_precision, **(dataset or {}),
                   # LyCORIS's record of an output-axis DoRA, which kohya's own LoRA module lacks
-                  **({"network_args": {"dora_wd": "True", "wd_on_out": "True"}} if cfg.adapter.use_dora else {})},
+                  **({"network_args": {"dora_wd": "True", "wd_on_out": "True"}} if cfg.adapter.use_dora else {}),
+                  **({"network_module": "lycoris.kohya", "network_args": {"algo": cfg.adapter.network_type}}
+                     if cfg.adapter.network_type != "lora" else {})},
         base_model_name=model_name(base_model) if base_model else None,
     )
     return {**metadata, **file_hashes(base_model)} if base_model else metadata

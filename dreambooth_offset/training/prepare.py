@@ -52,6 +52,9 @@ def check_inputs(cfg: RunConfig) -> Inputs:
                          "is required")
     if cfg.data.instance_data_dir and not cfg.data.instance_prompt:
         raise UsageError("--instance_prompt is required")
+    if cfg.optim.loraplus_lr_ratio is not None and cfg.adapter.network_type != "lora":
+        raise UsageError(f"--loraplus_lr_ratio with --network_type {cfg.adapter.network_type}: LoRA+ sets the rate of "
+                         "LoRA's B matrices, which LoHa / LoKr do not have")
     captions = cfg.data.caption_extension
     if cfg.data.dataset_config:
         dataset = read_dataset_config(cfg.data.dataset_config, caption_policy(cfg.data), captions)

@@ -18,7 +18,7 @@ from dreambooth_offset.errors import TrainingInterrupted, writing
 from dreambooth_offset.noise.objective import Loss
 from dreambooth_offset.training import checkpoint
 from dreambooth_offset.training.ema import ema_weights, save_ema
-from dreambooth_offset.training.lora import LORA_WEIGHT_NAME
+from dreambooth_offset.training.lora import weight_name
 from dreambooth_offset.training.outputs import write_lora_files
 from dreambooth_offset.training.guards import StopRequest, stop_on_signal
 from dreambooth_offset.training.prepare import Run, prepare
@@ -150,7 +150,7 @@ def finish(run: Run, first_done: float | None, loop_end: float) -> TrainResult:
     """Write the final LoRA files (main process), close the trackers, report."""
     accelerator, cfg, out = run.accelerator, run.config, run.output_dir
     accelerator.wait_for_everyone()
-    lora_path = out / LORA_WEIGHT_NAME
+    lora_path = out / weight_name(cfg.adapter.network_type)
     if accelerator.is_main_process:
         with writing(out):
             if run.ema is not None:  # the raw weights beside the average, which is the output

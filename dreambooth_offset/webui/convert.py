@@ -194,22 +194,28 @@ def modules_from_diffusers(tensors: Mapping[str, torch.Tensor], adapter_meta: Ma
     return modules
 
 
+def kohya_name(key: str, base: str = "sd_v1") -> str:
+    """The WebUI module name of "unet.<path>" / "text_encoder[_2].<path>": diffusers' converter's
+    for SD 1.x/2.x (`lora_te_` for the text encoder); for SDXL, the SGM UNet name and `lora_te1_` /
+    `lora_te2_`, as kohya's sd-scripts writes them (webui/keys.py)."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    probe = torch.zeros(1, 1)  # the converter renames keys; the tensors do not matter
+    part = convert_state_dict_to_kohya({f"{key}.lora_A.weight": probe, f"{key}.lora_B.weight": probe})
+    name = next(iter(part)).split(".", 1)[0]
+    if base == "sdxl":
+        return sgm_lora_name(key.split(".", 1)[1]) if key.startswith("unet.") else name
+    return "lora_te_" + name[len("lora_te1_"):] if name.startswith("lora_te1_") else name
+
+
 def modules_to_kohya(modules: Modules, dtype: torch.dtype | None = None, base: str = "sd_v1") -> dict[str, torch.Tensor]:
     """kohya keys with `.lora_down.weight`, `.lora_up.weight`, `.alpha`: `lora_unet_<diffusers
     name>` / `lora_te_` for SD 1.x/2.x; for SDXL, `lora_unet_<SGM name>` / `lora_te1_` / `lora_te2_`,
-    as kohya's sd-scripts writes them (webui/keys.py)."""
-    from diffusers.utils import convert_state_dict_to_kohya
-
+    as kohya's sd-scripts writes them (`kohya_name`)."""
     out = {}
     for key, m in modules.items():
-        part = convert_state_dict_to_kohya({f"{key}.lora_A.weight": m.down, f"{key}.lora_B.weight": m.up})
-        name = next(iter(part)).split(".", 1)[0]
-        if base == "sdxl":
-            name = sgm_lora_name(key.split(".", 1)[1]) if key.startswith("unet.") else name
-        elif name.startswith("lora_te1_"):  # diffusers' spelling; SD 1.x/2.x files use `lora_te_`
-            name = "lora_te_" + name[len("lora_te1_"):]
-        tensors = {what: tensor for kohya_key, tensor in part.items()
-                   if (what := kohya_key.split(".", 1)[1]) != "alpha"}  # diffusers writes the rank as alpha
+        name = kohya_name(key, base)
+        tensors = {"lora_down.weight": m.down, "lora_up.weight": m.up}
         if m.magnitude is not None:  # ComfyUI/Forge read (out, 1[, 1, 1]) as the output axis
             tensors["dora_scale"] = m.magnitude.reshape(-1, *[1] * (m.down.ndim - 1))
         out.update({f"{name}.{what}": (t if dtype is None else t.to(dtype)).contiguous() for what, t in tensors.items()})

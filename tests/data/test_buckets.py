@@ -1,20 +1,18 @@
 """Aspect-ratio buckets (--enable_bucket): kohya's bucket table, the bucket of known sizes, every
 batch from one bucket with the crop it records, and bit-exact resume."""
-import shutil
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from dreambooth_offset.cli import main
 from dreambooth_offset.data.buckets import bucket_sizes, epoch_batches, nearest_bucket, no_upscale_bucket
 from dreambooth_offset.errors import UsageError
 from dreambooth_offset.training.data import crop_top_left, draw_bucket_examples, stack_pixels
 from dreambooth_offset.training.prepare import prepare
-from tests.tiny import flags, overrides
+from tests.tiny import assert_resume_is_bit_exact, flags, overrides
 
 
 def test_the_bucket_table_and_known_sizes():
@@ -91,14 +89,8 @@ def test_the_recorded_crop_is_the_pixels_taken():
 
 def test_resume_with_buckets_is_bit_exact(tiny_model, tmp_path):
     instance = shaped_images(tmp_path / "inst", [(48, 16), (50, 17), (16, 64), (20, 20)])
-    common = dict(max_train_steps=4, checkpointing_steps=2, random_flip=True, seed=2, **BUCKET_FLAGS)
-    assert main(flags(tiny_model, instance, tmp_path / "a", **common)) == 0
-    (tmp_path / "c").mkdir()
-    shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "c" / "checkpoint-2")
-    assert main(flags(tiny_model, instance, tmp_path / "c", resume_from_checkpoint="latest", **common)) == 0
-    a = load_file(tmp_path / "a" / "pytorch_lora_weights.safetensors")
-    c = load_file(tmp_path / "c" / "pytorch_lora_weights.safetensors")
-    assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
+    assert_resume_is_bit_exact(tiny_model, instance, tmp_path, max_train_steps=4, checkpointing_steps=2,
+                               random_flip=True, seed=2, **BUCKET_FLAGS)
 
 
 def test_sdxl_time_ids_carry_each_bucket_as_the_target_size(tiny_sdxl, tmp_path):

@@ -1,12 +1,10 @@
 """kohya's dataset layout and caption options: `N_name` concept folders (repeats, folder-name
 captions, several concepts, reg folders as class images) and --shuffle_caption / --keep_tokens /
 --caption_dropout_rate / --caption_tag_dropout_rate / --caption_prefix / --caption_suffix."""
-import shutil
 from collections import Counter
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from dreambooth_offset.cli import main
 from dreambooth_offset.data.captions import CaptionPolicy, apply_policy
@@ -14,7 +12,7 @@ from dreambooth_offset.data.subsets import kohya_subsets
 from dreambooth_offset.errors import UsageError
 from dreambooth_offset.training.family import tokenize
 from dreambooth_offset.training.prepare import prepare
-from tests.tiny import flags, overrides, write_images
+from tests.tiny import assert_resume_is_bit_exact, flags, overrides, write_images
 
 
 def concepts(root, names_and_colours):
@@ -119,13 +117,7 @@ def test_resume_is_bit_exact_with_repeats_and_random_captions(tiny_model, tmp_pa
     train = concepts(tmp_path / "train", {"3_sks dog": [(200, 0, 0), (180, 20, 0)], "1_sks cat": [(0, 0, 200)]})
     for i, img in enumerate(sorted((train / "3_sks dog").glob("*.png"))):
         img.with_suffix(".txt").write_text(f"sks dog, tag{i}, red, outdoors")
-    common = dict(instance_prompt="", train_data_dir=train, caption_extension=".txt", shuffle_caption=True,
-                  keep_tokens=1, caption_dropout_rate=0.3, caption_tag_dropout_rate=0.2, max_train_steps=4,
-                  checkpointing_steps=2, train_text_encoder=True, seed=4)
-    assert main(flags(tiny_model, "", tmp_path / "a", **common)) == 0
-    (tmp_path / "c").mkdir()
-    shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "c" / "checkpoint-2")
-    assert main(flags(tiny_model, "", tmp_path / "c", resume_from_checkpoint="latest", **common)) == 0
-    a = load_file(tmp_path / "a" / "pytorch_lora_weights.safetensors")
-    c = load_file(tmp_path / "c" / "pytorch_lora_weights.safetensors")
-    assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
+    assert_resume_is_bit_exact(tiny_model, "", tmp_path, instance_prompt="", train_data_dir=train,
+                               caption_extension=".txt", shuffle_caption=True, keep_tokens=1, caption_dropout_rate=0.3,
+                               caption_tag_dropout_rate=0.2, max_train_steps=4, checkpointing_steps=2,
+                               train_text_encoder=True, seed=4)

@@ -1,7 +1,6 @@
 """SDXL through the same trainer, on a tiny in-process SDXL folder (two text encoders, size/crop
 conditioning): the LoRA it writes loads in diffusers' SDXL pipeline and reproduces every trained
 model, only adapter weights move, and a resumed run is bit-exact."""
-import shutil
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from dreambooth_offset.cli import main
 from dreambooth_offset.training.data import Example, crop_top_left, draw_examples, to_pixels
 from dreambooth_offset.training.family import SD, SDXL, family_of
 from dreambooth_offset.training.train import train
-from tests.tiny import RESOLUTION, flags, overrides
+from tests.tiny import RESOLUTION, assert_resume_is_bit_exact, flags, overrides
 
 
 def test_the_family_is_read_from_the_folder(tiny_model, tiny_sdxl):
@@ -72,15 +71,8 @@ def test_sdxl_lora_loads_in_diffusers_and_only_adapters_move(tiny_sdxl, instance
 
 
 def test_sdxl_resume_equals_the_uninterrupted_run(tiny_sdxl, instance_dir, tmp_path):
-    common = dict(max_train_steps=4, checkpointing_steps=2, random_flip=True, optimizer="adamw8bit",
-                  train_text_encoder=True, seed=3)
-    assert main(flags(tiny_sdxl, instance_dir, tmp_path / "a", **common)) == 0
-    (tmp_path / "c").mkdir()
-    shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "c" / "checkpoint-2")
-    assert main(flags(tiny_sdxl, instance_dir, tmp_path / "c", resume_from_checkpoint="latest", **common)) == 0
-    a = load_file(tmp_path / "a" / "pytorch_lora_weights.safetensors")
-    c = load_file(tmp_path / "c" / "pytorch_lora_weights.safetensors")
-    assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
+    assert_resume_is_bit_exact(tiny_sdxl, instance_dir, tmp_path, max_train_steps=4, checkpointing_steps=2,
+                               random_flip=True, optimizer="adamw8bit", train_text_encoder=True, seed=3)
 
 
 def test_sdxl_prior_preservation_and_validation_sample_through_the_sdxl_pipeline(tiny_sdxl, instance_dir, tmp_path):
