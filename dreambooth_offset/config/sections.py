@@ -60,6 +60,12 @@ class DataConfig:
         "downsampling: 512 for SD 1.5, 768 for SD 2.x-v)."
     )
     center_crop: bool = option(False, "Center-crop to the resolution (else a random crop).")
+    masked_loss: bool = option(
+        False, "Weight the loss per pixel by a mask (white: trained, black: ignored), from --alpha_mask or "
+        "--conditioning_data_dir; class images without one count everywhere (kohya's --masked_loss).")
+    alpha_mask: bool = option(False, "--masked_loss: the mask is each image's alpha channel (none: all trained).")
+    conditioning_data_dir: str = option(
+        "", "--masked_loss: a folder of mask images, one per instance image with the same file stem.")
     enable_bucket: bool = option(
         False, "Aspect-ratio buckets (kohya's): each image trains at the size of about resolution^2 pixels whose "
         "aspect ratio is nearest its own, every batch from one bucket; class images take the batch's bucket.")
@@ -123,6 +129,13 @@ class DataConfig:
         for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UsageError(f"{name} = {getattr(self, name)}: it must be in [0, 1]")
+        if self.masked_loss and not (self.alpha_mask or self.conditioning_data_dir):
+            raise UsageError("masked_loss needs a mask: alpha_mask, or conditioning_data_dir (a folder of masks)")
+        if (self.alpha_mask or self.conditioning_data_dir) and not self.masked_loss:
+            raise UsageError(f"{'alpha_mask' if self.alpha_mask else 'conditioning_data_dir'} is a mask for "
+                             "masked_loss, which is off: add masked_loss")
+        if self.alpha_mask and self.conditioning_data_dir:
+            raise UsageError("alpha_mask and conditioning_data_dir both set: one source of masks")
         if self.keep_tokens < 0:
             raise UsageError(f"keep_tokens = {self.keep_tokens}: it must be 0 or more")
         if self.prior_preservation != "image" and not self.has_prior:

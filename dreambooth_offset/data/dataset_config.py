@@ -19,7 +19,7 @@ SUBSET_KEYS: dict[str, type | tuple[type, ...]] = {
     "image_dir": str, "num_repeats": int, "caption_extension": str, "class_tokens": str, "is_reg": bool,
     "keep_tokens": int, "shuffle_caption": bool, "caption_dropout_rate": (int, float),
     "caption_tag_dropout_rate": (int, float), "caption_prefix": str, "caption_suffix": str,
-    "flip_aug": bool, "random_crop": bool,
+    "flip_aug": bool, "random_crop": bool, "alpha_mask": bool,
 }
 # Dataset keys (also valid in [general]): the run's resolution and batch size.
 DATASET_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -30,14 +30,15 @@ DATASET_KEYS: dict[str, type | tuple[type, ...]] = {
 KOHYA_UNSUPPORTED = {
     "caption_separator", "keep_tokens_separator", "secondary_separator", "enable_wildcard", "color_aug",
     "face_crop_aug_range", "caption_dropout_every_n_epochs", "token_warmup_min", "token_warmup_step",
-    "cache_info", "alpha_mask", "custom_attributes", "metadata_file", "conditioning_data_dir",
+    "cache_info", "custom_attributes", "metadata_file", "conditioning_data_dir",
     "network_multiplier",
     "validation_seed", "validation_split", "resize_interpolation", "debug_dataset",
 }
 # What a run-wide key of the file sets in the run's DataConfig.
 RUN_KEYS = {"resolution": "resolution", "batch_size": "train_batch_size", "flip_aug": "random_flip",
-            "random_crop": "center_crop", **{k: k for k in ("enable_bucket", "min_bucket_reso", "max_bucket_reso",
-                                                             "bucket_reso_steps", "bucket_no_upscale")}}
+            "random_crop": "center_crop",
+            **{k: k for k in ("alpha_mask", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
+                              "bucket_no_upscale")}}
 
 
 class DatasetFile(NamedTuple):

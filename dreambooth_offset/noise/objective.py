@@ -81,9 +81,13 @@ def elementwise_loss(model_pred: Tensor, target: Tensor, loss_type: str = "l2", 
     raise ValueError(f"unknown loss_type {loss_type!r}: use 'l2', 'huber' or 'smooth_l1'")
 
 
-def per_sample_loss(model_pred: Tensor, target: Tensor, loss_type: str = "l2", huber_c: Tensor | None = None) -> Tensor:
-    """`elementwise_loss` averaged over all but the batch dimension: (B,)."""
+def per_sample_loss(model_pred: Tensor, target: Tensor, loss_type: str = "l2", huber_c: Tensor | None = None,
+                    mask: Tensor | None = None) -> Tensor:
+    """`elementwise_loss` (times `mask`, broadcast over channels) averaged over all but the batch
+    dimension: (B,)."""
     loss = elementwise_loss(model_pred, target, loss_type, huber_c)
+    if mask is not None:
+        loss = loss * mask.to(loss)
     return loss.mean(dim=tuple(range(1, loss.ndim)))
 
 
@@ -94,18 +98,21 @@ class Loss(NamedTuple):
 
 
 def dreambooth_loss(model_pred: Tensor, target: Tensor, num_instance: int, prior_loss_weight: float,
-                    weights: Tensor | None = None, loss_type: str = "l2", huber_c: Tensor | None = None) -> Loss:
+                    weights: Tensor | None = None, loss_type: str = "l2", huber_c: Tensor | None = None,
+                    mask: Tensor | None = None) -> Loss:
     """Loss on the instance rows plus `prior_loss_weight` * loss on the class rows after them.
 
     DreamBooth (Ruiz et al. 2022) prior preservation (docs/science.md, "Loss functions"): a batch
     holds `num_instance` instance examples first, then class examples (none without prior
     preservation). `weights` (B,) scale each sample's loss (Min-SNR); `loss_type` / `huber_c` as in
-    `elementwise_loss`. Plain MSE when neither is given.
+    `elementwise_loss`. `mask` (B, 1, h, w) weights each latent pixel (masked loss, as kohya:
+    the mean still counts the masked-out elements, as zeros). Plain MSE when none is given.
     """
     if weights is None:  # every element of the rows counts once: plain MSE for l2
         losses = elementwise_loss(model_pred, target, loss_type, huber_c)
+        losses = losses if mask is None else losses * mask.to(losses)
     else:
-        losses = per_sample_loss(model_pred, target, loss_type, huber_c)
+        losses = per_sample_loss(model_pred, target, loss_type, huber_c, mask)
         losses = losses * weights.to(losses)
     instance = losses[:num_instance].mean()
     prior = losses[num_instance:].mean() if losses.shape[0] > num_instance else None

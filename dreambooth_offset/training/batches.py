@@ -34,6 +34,7 @@ class Batch(NamedTuple):
     conditioning: Conditioning | None  # the encoders' output when they are all frozen
     num_instance: int  # rows [0, num_instance) are instance rows, the rest class rows
     time_ids: Tensor | None = None  # SDXL: (B, 6) original size, crop top-left, target size per row
+    mask: Tensor | None = None  # --masked_loss: (B, 1, h, w) per-latent-pixel loss weights in [0, 1]
 
 
 class BatchSource:
@@ -81,13 +82,13 @@ class BatchSource:
 
     def _posterior(self, examples: list[Example]) -> tuple[Tensor, Tensor]:
         if self.cache is None:
-            pixels = stack_pixels(examples, self.images, self.cfg.resolution)
+            pixels = stack_pixels(examples, self.images, self.cfg.resolution)[:, :3]  # a mask is channel 3
             with torch.no_grad():
                 return latent_distribution(self.vae, pixels)
         missing = [e for e in dict.fromkeys(examples) if e not in self.cache]
         if missing:
             with torch.no_grad():
-                mean, std = latent_distribution(self.vae, stack_pixels(missing, self.images, self.cfg.resolution))
+                mean, std = latent_distribution(self.vae, stack_pixels(missing, self.images, self.cfg.resolution)[:, :3])
             self.cache.update({e: (m, s) for e, m, s in zip(missing, mean, std)})
         return torch.stack([self.cache[e][0] for e in examples]), torch.stack([self.cache[e][1] for e in examples])
 
@@ -129,7 +130,15 @@ class BatchSource:
             rows = torch.tensor([self.caption_row[e.source][e.index] for e in examples])
             input_ids, context = self.input_ids[rows], None if self.embeddings is None else self.embeddings.rows(rows)
         return Batch(latents, input_ids, context, sum(e.source == "instance" for e in examples),
-                     self._time_ids(examples))
+                     self._time_ids(examples), self._mask(examples, latents.shape[2:]))
+
+    def _mask(self, examples: list[Example], size) -> Tensor | None:
+        """--masked_loss: each row's mask (channel 3, cropped and flipped with the image), averaged
+        down to the latent grid (kohya's 'area' resize)."""
+        if not self.cfg.masked_loss:
+            return None
+        masks = (stack_pixels(examples, self.images, self.cfg.resolution)[:, 3:] + 1) / 2
+        return torch.nn.functional.interpolate(masks, size=tuple(size), mode="area")
 
     def _time_ids(self, examples: list[Example]) -> Tensor | None:
         if self.sizes is None:

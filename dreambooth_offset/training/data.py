@@ -104,9 +104,26 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_resized(paths: list[Path | EmbeddedImage], resolution: int) -> list[Tensor]:
+def alpha_of(img: Image.Image) -> Image.Image:
+    """An image's alpha channel (mode L), or all 255 when it has none."""
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        return img.convert("RGBA").getchannel("A")
+    return Image.new("L", img.size, 255)
+
+
+def mask_from_file(path: Path, size: tuple[int, int]) -> Image.Image:
+    """A mask image (white: trained, black: ignored) as mode L at `size` (the image's, as shown)."""
+    with Image.open(path) as opened:
+        mask = to_rgb(ImageOps.exif_transpose(opened)).convert("L")
+    return mask if mask.size == size else mask.resize(size, Image.BILINEAR)
+
+
+def load_resized(paths: list[Path | EmbeddedImage], resolution: int,
+                 masks: list[str | Path | None] | None = None) -> list[Tensor]:
     """Decode with `datasets`, honour EXIF orientation, convert to RGB, resize the shorter side to
-    `resolution` (bilinear, as diffusers' scripts); uint8 tensors (3, H, W)."""
+    `resolution` (bilinear, as diffusers' scripts); uint8 tensors (3, H, W). With `masks` (per
+    image: "alpha" for its alpha channel, a mask file, or None for all-ones) a fourth channel holds
+    the mask, resized alike, so every crop, flip and bucket resize keeps it aligned."""
     import datasets
 
     cells = [{"path": None, "bytes": p.data} if isinstance(p, EmbeddedImage) else {"path": str(p), "bytes": None}
@@ -114,11 +131,18 @@ def load_resized(paths: list[Path | EmbeddedImage], resolution: int) -> list[Ten
     ds = datasets.Dataset.from_dict({"image": cells}).cast_column("image", datasets.Image())
     out = []
     for row in ds:
-        img = to_rgb(ImageOps.exif_transpose(row["image"]))
+        shown = ImageOps.exif_transpose(row["image"])
+        img = to_rgb(shown)
         scale = resolution / min(img.size)
         size = (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale)))
-        img = img.resize(size, Image.BILINEAR)
-        out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
+        tensor = torch.from_numpy(np.asarray(img.resize(size, Image.BILINEAR)).copy()).permute(2, 0, 1)
+        if masks is not None:
+            source = masks[len(out)]
+            mask = (alpha_of(shown) if source == "alpha" else Image.new("L", img.size, 255) if source is None
+                    else mask_from_file(Path(source), img.size))
+            mask = torch.from_numpy(np.asarray(mask.resize(size, Image.BILINEAR)).copy())[None]
+            tensor = torch.cat([tensor, mask])
+        out.append(tensor)
     return out
 
 

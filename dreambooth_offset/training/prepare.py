@@ -180,7 +180,8 @@ def prepare(cfg: RunConfig, resources: ExitStack | None = None) -> Run:
         upcast = module is parts.vae and parts.vae.config.get("force_upcast", False)  # SDXL's VAE overflows in fp16
         if config.train.mixed_precision != "no" and not upcast:  # casting fp32 to fp32 would only make diffusers warn
             module.to(dtype=WEIGHT_DTYPES[config.train.mixed_precision])
-    config, auto, channel_means = resolve_auto_offset(config, parts.vae, parts.noise_scheduler, images)
+    rgb = {src: [img[:3] for img in imgs] for src, imgs in images.items()}  # without a --masked_loss mask
+    config, auto, channel_means = resolve_auto_offset(config, parts.vae, parts.noise_scheduler, rgb)
     if auto is not None:
         accelerator.print(describe(auto))
         if accelerator.is_main_process:
@@ -192,7 +193,7 @@ def prepare(cfg: RunConfig, resources: ExitStack | None = None) -> Run:
                           None if buckets is None else buckets["instance"])
     run = Run(config, accelerator, generator, parts, unet, *text_encoders, params, optimizer, lr_scheduler, batches,
               auto, 0, started, make_ema(params, config.optim),
-              None if held is None else held_out_set(*held[:3], parts, config), dataset)
+              None if held is None else held_out_set([img[:3] for img in held[0]], *held[1:3], parts, config), dataset)
     run.first_step = start_step(run, inputs.resume)
     return run
 
@@ -239,7 +240,7 @@ def load_data(cfg: RunConfig, parts: SDParts, accelerator, subsets: dict[str, li
         paths = [p for _, ps in found for p in ps]
         per_subset = [list(s.captions) if s.captions is not None else read_captions(ps, s.caption_extension, s.caption)
                       for s, ps in found]
-        images[src] = load_resized(paths, res)
+        images[src] = load_resized(paths, res, mask_sources(cfg.data, src, paths))
         captions[src] = [c for caps in per_subset for c in caps]
         sizes[src] = original_sizes(paths)
         repeats[src] = [s.num_repeats for s, ps in found for _ in ps]
@@ -248,6 +249,21 @@ def load_data(cfg: RunConfig, parts: SDParts, accelerator, subsets: dict[str, li
             for (s, ps), caps in zip(found, per_subset):
                 warn_long_captions(ps, caps, s.caption_extension, s.caption_source, parts.tokenizer)
     return images, captions, sizes, repeats, policies, dataset_summary(subsets, captions)
+
+
+def mask_sources(data, source: str, paths: list) -> list[str | Path | None] | None:
+    """Where each image's --masked_loss mask comes from: "alpha", its file in
+    --conditioning_data_dir (instance images), or None (all trained); None without masked loss."""
+    if not data.masked_loss:
+        return None
+    if not (data.conditioning_data_dir and source == "instance"):
+        return ["alpha" if data.alpha_mask else None] * len(paths)
+    folder = Path(data.conditioning_data_dir)
+    masks = {p.stem: p for p in find_images(folder, "conditioning_data_dir")}
+    missing = next((p for p in paths if getattr(p, "stem", None) not in masks), None)
+    if missing is not None:
+        raise UsageError(f"--conditioning_data_dir {folder}: no mask for {missing} (an image with its file stem)")
+    return [masks[p.stem] for p in paths]
 
 
 def warn_long_captions(paths: list[Path], captions: list[str], extension: str, prompt_flag: str, tokenizer) -> None:

@@ -40,8 +40,9 @@ def train_step(unet, text_encoders, noise_scheduler, batch: Batch, cfg: RunConfi
                                                          batch, n).to(target)])
     weights = min_snr_weights(noise_scheduler, timesteps, cfg.loss.snr_gamma) if cfg.loss.snr_gamma else None
     huber_c = huber_threshold(noise_scheduler, timesteps, cfg.loss) if cfg.loss.loss_type != "l2" else None
+    mask = None if batch.mask is None else batch.mask.to(latents.device)
     return dreambooth_loss(model_pred, target, batch.num_instance, cfg.data.prior_loss_weight, weights,
-                           cfg.loss.loss_type, huber_c)
+                           cfg.loss.loss_type, huber_c, mask)
 
 
 @torch.no_grad()
