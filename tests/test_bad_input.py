@@ -158,6 +158,59 @@ def caption_longer_than_the_window(ctx):
     return _train(ctx, data, caption_extension=".txt", max_train_steps=3)
 
 
+@case(2, "a concept folder is named N_name")
+def kohya_folder_without_a_number(ctx):
+    _images(ctx, "train/10_sks dog")
+    _images(ctx, "train/sks cat")
+    return _train(ctx, "", instance_prompt="", train_data_dir=ctx.tmp / "train")
+
+
+@case(2, "unknown key 'num_repeat' (did you mean 'num_repeats'?)")
+def dataset_file_with_a_typo(ctx):
+    data = _images(ctx, "data")
+    (ctx.tmp / "dataset.toml").write_text(f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{data}'\n"
+                                          "class_tokens = 'sks dog'\nnum_repeat = 10\n")
+    return _train(ctx, "", instance_prompt="", dataset_config=ctx.tmp / "dataset.toml")
+
+
+@case(2, "keep_tokens_separator is not supported by this trainer (yet)")
+def dataset_file_with_an_unsupported_kohya_key(ctx):
+    data = _images(ctx, "data")
+    (ctx.tmp / "dataset.toml").write_text(f"[general]\nkeep_tokens_separator = '|||'\n[[datasets]]\n"
+                                          f"[[datasets.subsets]]\nimage_dir = '{data}'\nclass_tokens = 'sks dog'\n")
+    return _train(ctx, "", instance_prompt="", dataset_config=ctx.tmp / "dataset.toml")
+
+
+@case(2, "--caption_column caption: ")
+def dataset_without_the_caption_column(ctx):
+    data = _images(ctx, "data")
+    (data / "metadata.jsonl").write_text('{"file_name": "img0.png", "text": "sks dog"}\n')
+    return _train(ctx, "", instance_prompt="", dataset_name=data, caption_column="caption")
+
+
+@case(2, "tiny.png: 4x40 is smaller than the smallest bucket")
+def image_smaller_than_the_smallest_bucket(ctx):
+    data = _images(ctx, "data")
+    Image.new("RGB", (4, 40), (10, 10, 10)).save(data / "tiny.png")
+    return _train(ctx, data, enable_bucket=True, bucket_no_upscale=True, min_bucket_reso=8, max_bucket_reso=32,
+                  bucket_reso_steps=8)
+
+
+@case(2, "no mask for")
+def masked_loss_without_a_mask_file(ctx):
+    (ctx.tmp / "masks").mkdir()
+    Image.new("L", (20, 16), 255).save(ctx.tmp / "masks" / "other.png")
+    return _train(ctx, _images(ctx, "data"), masked_loss=True, conditioning_data_dir=ctx.tmp / "masks")
+
+
+@case(0, "anim.gif has 2 frames (an animation); training uses the first")
+def animated_gif(ctx):
+    data = _images(ctx, "data")
+    frames = [Image.new("RGB", (20, 16), c) for c in ((200, 0, 0), (0, 200, 0))]
+    frames[0].save(data / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
+    return _train(ctx, data)
+
+
 # --- the base model --------------------------------------------------------------------------------
 
 @case(2, "does not exist")
