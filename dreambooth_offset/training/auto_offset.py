@@ -25,7 +25,7 @@ def latent_channel_means(vae, images: list[Tensor], resolution: int, batch_size:
     (3, H, W) `images`, scaled as training scales latents, averaged over H, W; N = latent H * W."""
     means, pixels = [], 0
     for i in range(0, len(images), batch_size):
-        crops = [to_pixels(img, *center_offsets(img, resolution), False, resolution) for img in images[i : i + batch_size]]
+        crops = [to_pixels(img, *center_offsets(img.shape, resolution), False, resolution) for img in images[i : i + batch_size]]
         mean, _ = latent_distribution(vae, torch.stack(crops))
         latents = scale_latents(mean, vae.config)
         means.append(latents.mean(dim=(2, 3)).cpu())

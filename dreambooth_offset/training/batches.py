@@ -21,7 +21,7 @@ from dreambooth_offset.config import DataConfig
 from dreambooth_offset.data.captions import CaptionPolicy, apply_policy, caption_policy
 from dreambooth_offset.data.buckets import epoch_batches
 from dreambooth_offset.training.data import (Example, crop_is_random, crop_top_left, draw_bucket_examples, draw_examples,
-                                             epoch_indices, stack_pixels)
+                                             epoch_indices, shape_of, stack_pixels)
 from dreambooth_offset.training.family import Conditioning, encode_prompts, time_ids, tokenize
 from dreambooth_offset.training.models import latent_distribution, sample_latents
 
@@ -145,6 +145,6 @@ class BatchSource:
             return None
         res = self.cfg.resolution
         return torch.stack([time_ids(self.sizes[e.source][e.index],
-                                     crop_top_left(e, self.images[e.source][e.index].shape[2], res),
+                                     crop_top_left(e, shape_of(self.images[e.source], e.index)[2], res),
                                      e.target or (res, res))
                             for e in examples])

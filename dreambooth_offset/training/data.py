@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import sys
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,6 +119,12 @@ def mask_from_file(path: Path, size: tuple[int, int]) -> Image.Image:
     return mask if mask.size == size else mask.resize(size, Image.BILINEAR)
 
 
+def resized_hw(height: int, width: int, resolution: int) -> tuple[int, int]:
+    """(height, width) of an image resized so that its shorter side is `resolution`."""
+    scale = resolution / min(width, height)
+    return max(resolution, round(height * scale)), max(resolution, round(width * scale))
+
+
 def load_resized(paths: list[Path | EmbeddedImage], resolution: int,
                  masks: list[str | Path | None] | None = None) -> list[Tensor]:
     """Decode with `datasets`, honour EXIF orientation, convert to RGB, resize the shorter side to
@@ -133,8 +140,7 @@ def load_resized(paths: list[Path | EmbeddedImage], resolution: int,
     for row in ds:
         shown = ImageOps.exif_transpose(row["image"])
         img = to_rgb(shown)
-        scale = resolution / min(img.size)
-        size = (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale)))
+        size = resized_hw(img.height, img.width, resolution)[::-1]  # PIL's (width, height)
         tensor = torch.from_numpy(np.asarray(img.resize(size, Image.BILINEAR)).copy()).permute(2, 0, 1)
         if masks is not None:
             source = masks[len(out)]
@@ -144,6 +150,48 @@ def load_resized(paths: list[Path | EmbeddedImage], resolution: int,
             tensor = torch.cat([tensor, mask])
         out.append(tensor)
     return out
+
+
+class ImageStore(Sequence):
+    """A source's images, decoded when a batch uses them (`load_resized`) rather than held for the
+    run: only their files (or dataset bytes), mask sources and resized shapes stay in memory.
+    `store[i]` is image i as `load_resized` gives it; `shape(i)` its (C, H, W) without decoding."""
+
+    def __init__(self, paths: list, resolution: int, masks: list | None = None,
+                 sizes: list[tuple[int, int]] | None = None):
+        self.paths, self.resolution, self.masks = list(paths), resolution, masks
+        channels = 3 if masks is None else 4
+        self.shapes = [(channels, *resized_hw(h, w, resolution)) for h, w in (sizes or original_sizes(self.paths))]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return load_resized([self.paths[i]], self.resolution, None if self.masks is None else [self.masks[i]])[0]
+
+    def shape(self, i: int) -> tuple[int, int, int]:
+        return self.shapes[i]
+
+    def select(self, indices) -> "ImageStore":
+        """The images at `indices`, as a store."""
+        store = ImageStore.__new__(ImageStore)
+        store.paths, store.resolution = [self.paths[i] for i in indices], self.resolution
+        store.masks = None if self.masks is None else [self.masks[i] for i in indices]
+        store.shapes = [self.shapes[i] for i in indices]
+        return store
+
+    def rgb(self) -> "ImageStore":
+        """The same images without their mask channel."""
+        store = self.select(range(len(self)))
+        store.masks, store.shapes = None, [(3, *s[1:]) for s in store.shapes]
+        return store
+
+
+def shape_of(images, i: int) -> tuple[int, ...]:
+    """(C, H, W) of image i of a store or of a list of tensors."""
+    return images.shape(i) if isinstance(images, ImageStore) else tuple(images[i].shape)
 
 
 def original_sizes(paths: list[Path | EmbeddedImage]) -> list[tuple[int, int]]:
@@ -171,8 +219,8 @@ def crop_top_left(example: Example, width: int, resolution: int) -> tuple[int, i
     return round(example.top * scale), round(left * scale)
 
 
-def crop_is_random(images: list[Tensor], resolution: int, center_crop: bool) -> bool:
-    return not center_crop and any(img.shape[1:] != (resolution, resolution) for img in images)
+def crop_is_random(images, resolution: int, center_crop: bool) -> bool:
+    return not center_crop and any(shape_of(images, i)[1:] != (resolution, resolution) for i in range(len(images)))
 
 
 def to_pixels(img: Tensor, top: int, left: int, flip: bool, resolution: int) -> Tensor:
@@ -183,8 +231,9 @@ def to_pixels(img: Tensor, top: int, left: int, flip: bool, resolution: int) -> 
     return crop.float() / 127.5 - 1.0
 
 
-def center_offsets(img: Tensor, resolution: int) -> tuple[int, int]:
-    return (img.shape[1] - resolution) // 2, (img.shape[2] - resolution) // 2
+def center_offsets(shape: tuple[int, ...], resolution: int) -> tuple[int, int]:
+    """The centre crop's (top, left) in an image of (C, H, W) `shape`."""
+    return (shape[1] - resolution) // 2, (shape[2] - resolution) // 2
 
 
 @dataclass(frozen=True)
@@ -226,11 +275,11 @@ def draw_examples(
     """Crop offsets and flips for the chosen images, drawn from `generator` in a fixed order."""
     examples = []
     for i in indices:
-        img = images[i]
-        top, left = center_offsets(img, resolution)
+        shape = shape_of(images, i)
+        top, left = center_offsets(shape, resolution)
         if not center_crop:
-            top = int(torch.randint(0, img.shape[1] - resolution + 1, (1,), generator=generator))
-            left = int(torch.randint(0, img.shape[2] - resolution + 1, (1,), generator=generator))
+            top = int(torch.randint(0, shape[1] - resolution + 1, (1,), generator=generator))
+            left = int(torch.randint(0, shape[2] - resolution + 1, (1,), generator=generator))
         flip = bool(torch.rand((), generator=generator) < 0.5) if random_flip else False
         examples.append(Example(source, i, top, left, flip))
     return examples
@@ -260,12 +309,12 @@ def draw_bucket_examples(source: str, images: list[Tensor], indices: list[int], 
     of the bucket's aspect ratio, at a random (or the centre) offset."""
     examples = []
     for i in indices:
-        img = images[i]
-        h, w = crop_size(tuple(img.shape[1:]), bucket)
-        top, left = (img.shape[1] - h) // 2, (img.shape[2] - w) // 2
+        shape = shape_of(images, i)
+        h, w = crop_size(tuple(shape[1:]), bucket)
+        top, left = (shape[1] - h) // 2, (shape[2] - w) // 2
         if not center_crop:
-            top = int(torch.randint(0, img.shape[1] - h + 1, (1,), generator=generator))
-            left = int(torch.randint(0, img.shape[2] - w + 1, (1,), generator=generator))
+            top = int(torch.randint(0, shape[1] - h + 1, (1,), generator=generator))
+            left = int(torch.randint(0, shape[2] - w + 1, (1,), generator=generator))
         flip = bool(torch.rand((), generator=generator) < 0.5) if random_flip else False
         examples.append(Example(source, i, top, left, flip, (h, w), (bucket[1], bucket[0])))
     return examples

@@ -27,7 +27,7 @@ from dreambooth_offset.noise.auto import AutoOffset, describe
 from dreambooth_offset.training import checkpoint
 from dreambooth_offset.training.auto_offset import RECORD_NAME, resolve_auto_offset, write_record
 from dreambooth_offset.training.batches import BatchSource
-from dreambooth_offset.training.data import find_images, load_resized, original_sizes, read_captions
+from dreambooth_offset.training.data import ImageStore, find_images, original_sizes, read_captions
 from dreambooth_offset.training.family import DEFAULT_NOISE_OFFSET, SDXL
 from dreambooth_offset.training.lora import add_adapters, trainable_parameters
 from dreambooth_offset.training.models import SDParts, load_parts, native_resolution, training_scheduler
@@ -180,7 +180,7 @@ def prepare(cfg: RunConfig, resources: ExitStack | None = None) -> Run:
         upcast = module is parts.vae and parts.vae.config.get("force_upcast", False)  # SDXL's VAE overflows in fp16
         if config.train.mixed_precision != "no" and not upcast:  # casting fp32 to fp32 would only make diffusers warn
             module.to(dtype=WEIGHT_DTYPES[config.train.mixed_precision])
-    rgb = {src: [img[:3] for img in imgs] for src, imgs in images.items()}  # without a --masked_loss mask
+    rgb = {src: imgs.rgb() for src, imgs in images.items()}  # without a --masked_loss mask
     config, auto, channel_means = resolve_auto_offset(config, parts.vae, parts.noise_scheduler, rgb)
     if auto is not None:
         accelerator.print(describe(auto))
@@ -193,7 +193,7 @@ def prepare(cfg: RunConfig, resources: ExitStack | None = None) -> Run:
                           None if buckets is None else buckets["instance"])
     run = Run(config, accelerator, generator, parts, unet, *text_encoders, params, optimizer, lr_scheduler, batches,
               auto, 0, started, make_ema(params, config.optim),
-              None if held is None else held_out_set([img[:3] for img in held[0]], *held[1:3], parts, config), dataset)
+              None if held is None else held_out_set(held[0].rgb(), *held[1:3], parts, config), dataset)
     run.first_step = start_step(run, inputs.resume)
     return run
 
@@ -240,9 +240,9 @@ def load_data(cfg: RunConfig, parts: SDParts, accelerator, subsets: dict[str, li
         paths = [p for _, ps in found for p in ps]
         per_subset = [list(s.captions) if s.captions is not None else read_captions(ps, s.caption_extension, s.caption)
                       for s, ps in found]
-        images[src] = load_resized(paths, res, mask_sources(cfg.data, src, paths))
-        captions[src] = [c for caps in per_subset for c in caps]
         sizes[src] = original_sizes(paths)
+        images[src] = ImageStore(paths, res, mask_sources(cfg.data, src, paths), sizes[src])  # decoded when used
+        captions[src] = [c for caps in per_subset for c in caps]
         repeats[src] = [s.num_repeats for s, ps in found for _ in ps]
         policies[src] = [s.policy for s, ps in found for _ in ps]
         if accelerator.is_main_process:

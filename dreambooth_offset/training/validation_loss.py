@@ -36,11 +36,18 @@ def split_held_out(data: tuple[dict, ...], fraction: float, seed: int) -> tuple[
     sizes), before anything else sees them; returns them (one list per dict), or None at 0."""
     if fraction <= 0:
         return None
-    keep = set(held_out_indices(len(data[0]["instance"]), fraction, seed))
-    held = tuple([v for i, v in enumerate(d["instance"]) if i in keep] for d in data)
+    n = len(data[0]["instance"])
+    keep = set(held_out_indices(n, fraction, seed))
+    held_rows, rest = [i for i in range(n) if i in keep], [i for i in range(n) if i not in keep]
+    held = tuple(_pick(d["instance"], held_rows) for d in data)
     for d in data:
-        d["instance"] = [v for i, v in enumerate(d["instance"]) if i not in keep]
+        d["instance"] = _pick(d["instance"], rest)
     return held
+
+
+def _pick(values, rows: list[int]):
+    """The `rows` of a list, or of an image store (training/data.py) without decoding it."""
+    return values.select(rows) if hasattr(values, "select") else [values[i] for i in rows]
 
 
 class HeldOut(NamedTuple):
@@ -56,7 +63,7 @@ def held_out_set(images: list[Tensor], captions: list[str], sizes: list[tuple[in
                  cfg: RunConfig) -> HeldOut:
     """The held-out images (uint8, resized) as fixed inputs: centre crops, posterior means."""
     res = cfg.data.resolution
-    crops = [to_pixels(img, *center_offsets(img, res), False, res) for img in images]
+    crops = [to_pixels(img, *center_offsets(img.shape, res), False, res) for img in images]
     mean, _ = latent_distribution(parts.vae, torch.stack(crops))
     latents = scale_latents(mean, parts.vae.config)
     low = cfg.loss.min_timestep
@@ -67,7 +74,7 @@ def held_out_set(images: list[Tensor], captions: list[str], sizes: list[tuple[in
     noise = sample_noise(latents.cpu(), cfg.noise, g).to(latents.device)
     times = None
     if parts.family == "sdxl":
-        times = torch.stack([time_ids(size, center_offsets(img, res), (res, res)) for img, size in zip(images, sizes)])
+        times = torch.stack([time_ids(size, center_offsets(img.shape, res), (res, res)) for img, size in zip(images, sizes)])
         times = times.repeat_interleave(NUM_TIMESTEPS, dim=0)
     ids = tokenize(parts.tokenizers, captions).repeat_interleave(NUM_TIMESTEPS, dim=0)
     return HeldOut(latents, noise, steps.repeat(len(images)).to(latents.device), ids, times)

@@ -84,3 +84,22 @@ def test_deep_cmyk_and_animated_images_are_converted_as_shown(tmp_path, capsys):
     assert abs(grey.mean().item() - 127.5) < 1.0 and grey.min() == 0 and grey.max() == 255
     assert out["cmyk.jpg"].float().mean(dim=(1, 2)).tolist() == [255.0, 0.0, 0.0]
     assert out["anim.gif"].float().mean(dim=(1, 2)).tolist() == [255.0, 0.0, 0.0]
+
+
+def test_the_image_store_decodes_on_use_with_the_shapes_it_promised(tmp_path):
+    from dreambooth_offset.training.data import ImageStore, original_sizes
+
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned by 90 degrees
+    img.save(tmp_path / "rot.jpg", exif=exif)
+    Image.new("RGBA", (30, 16), (0, 0, 255, 128)).save(tmp_path / "alpha.png")
+    paths = find_images(tmp_path, "instance_data_dir")
+    store = ImageStore(paths, 8, ["alpha", None], original_sizes(paths))
+    assert not any(isinstance(v, torch.Tensor) for v in vars(store).values())  # nothing decoded is kept
+    decoded = load_resized(paths, 8, ["alpha", None])
+    for i, tensor in enumerate(decoded):
+        assert torch.equal(store[i], tensor) and store.shape(i) == tuple(tensor.shape)
+    assert store.shape(1) == (4, 16, 8)  # portrait after EXIF, short side 8, with the mask channel
+    picked = store.select([1]).rgb()
+    assert len(picked) == 1 and torch.equal(picked[0], decoded[1][:3]) and picked.shape(0) == (3, 16, 8)
