@@ -135,10 +135,10 @@ def load_resized(paths: list[Path | EmbeddedImage], resolution: int,
 
     cells = [{"path": None, "bytes": p.data} if isinstance(p, EmbeddedImage) else {"path": str(p), "bytes": None}
              for p in paths]
-    ds = datasets.Dataset.from_dict({"image": cells}).cast_column("image", datasets.Image())
+    feature = datasets.Image()  # the decoder a dataset's image column uses, without building a dataset per call
     out = []
-    for row in ds:
-        shown = ImageOps.exif_transpose(row["image"])
+    for cell in cells:
+        shown = ImageOps.exif_transpose(feature.decode_example(cell))
         img = to_rgb(shown)
         size = resized_hw(img.height, img.width, resolution)[::-1]  # PIL's (width, height)
         tensor = torch.from_numpy(np.asarray(img.resize(size, Image.BILINEAR)).copy()).permute(2, 0, 1)
