@@ -47,6 +47,7 @@ class DatasetFile(NamedTuple):
 
 
 def _check(table: dict, allowed: dict, where: str, source: Path) -> None:
+    """Every key of one table known at its level and of its type (a TOML bool is not a number)."""
     for key, value in table.items():
         if key not in allowed:
             known = set(SUBSET_KEYS) | set(DATASET_KEYS)
@@ -56,10 +57,9 @@ def _check(table: dict, allowed: dict, where: str, source: Path) -> None:
                 raise UsageError(f"{source}: {where}: {key} is not supported by this trainer (yet); remove it")
             close = difflib.get_close_matches(key, sorted(known), n=1)
             raise UsageError(f"{source}: {where}: unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        want = allowed[key]
-        if not isinstance(value, want) or (isinstance(value, bool) and bool not in (want if isinstance(want, tuple)
-                                                                                   else (want,))):
-            names = "/".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
+        kinds = allowed[key] if isinstance(allowed[key], tuple) else (allowed[key],)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = "/".join(t.__name__ for t in kinds)
             raise UsageError(f"{source}: {where}: {key} must be {names}, got {value!r}")
 
 
