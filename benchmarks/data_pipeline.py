@@ -1,0 +1,85 @@
+"""The data pipeline at the size users bring: peak RSS and steps/s of the real `train` command on
+many photos of mixed sizes, to show that memory does not grow with the number of images (they are
+decoded when a batch uses them, training/data.py: ImageStore).
+
+Generates `--images` JPEGs of random sizes (sides 0.75x to 2x `--resolution`, so crops are random
+and nothing is cached), then trains the shipped base on the first tenth of them and on all of
+them, each run in a fresh process, and prints per run: images, the trainer's steps/s
+and the process's peak RSS. With `--bucket` the
+runs use aspect-ratio buckets too.
+
+    python benchmarks/data_pipeline.py [--images 2000] [--resolution 512] [--steps 20] [--bucket]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from dreambooth_offset.config.recipe import SHIPPED_BASE
+
+CHILD = """
+import json, resource, sys
+from dreambooth_offset.config import load_config
+from dreambooth_offset.training.train import train
+result = train(load_config(None, json.loads(sys.argv[1])))
+print("RESULT", json.dumps({"steps_per_second": result.steps_per_second,
+                            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def make_images(folder: Path, count: int, resolution: int, seed: int = 0) -> Path:
+    """`count` JPEGs of random colours and sizes; each a smooth gradient plus noise, as photos compress."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        w, h = (int(resolution * f) for f in rng.uniform(0.75, 2.0, 2))
+        ramp = np.linspace(0, 1, w)[None, :, None] * rng.uniform(0, 255, 3)[None, None, :]
+        pixels = np.clip(ramp + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:05d}.jpg", quality=90)
+    return folder
+
+
+def run(images: Path, resolution: int, steps: int, out: Path, bucket: bool) -> dict:
+    values = {"pretrained_model_name_or_path": str(SHIPPED_BASE), "instance_data_dir": str(images),
+              "instance_prompt": "a photo of sks dog", "resolution": resolution, "train_batch_size": 1,
+              "max_train_steps": steps, "output_dir": str(out), "report_to": "none", "optimizer": "adamw",
+              "random_flip": True}
+    if bucket:
+        values.update(enable_bucket=True, min_bucket_reso=resolution // 2, max_bucket_reso=resolution * 2)
+    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(values)], capture_output=True, text=True, check=True)
+    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--bucket", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        print(f"writing {args.images} JPEGs ...", flush=True)
+        make_images(tmp / "all", args.images, args.resolution)
+        few = tmp / "few"
+        few.mkdir()
+        for path in sorted((tmp / "all").iterdir())[: max(1, args.images // 10)]:
+            (few / path.name).symlink_to(path)
+        print("| images | resolution | buckets | steps/s | peak RSS MiB |\n|---|---|---|---|---|")
+        for folder in (few, tmp / "all"):
+            r = run(folder, args.resolution, args.steps, tmp / f"out-{folder.name}", args.bucket)
+            print(f"| {len(list(folder.iterdir()))} | {args.resolution} | {'yes' if args.bucket else 'no'} | "
+                  f"{r['steps_per_second']:.2f} | {r['peak_rss_mib']:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
