@@ -1,6 +1,6 @@
 """The data pipeline at the size users bring: peak RSS and steps/s of the real `train` command on
 many photos of mixed sizes, to show that memory does not grow with the number of images (they are
-decoded when a batch uses them, training/data.py: ImageStore).
+decoded when a batch uses them, data/images.py: ImageStore).
 
 Generates `--images` JPEGs of random sizes (sides 0.75x to 2x `--resolution`, so crops are random
 and nothing is cached), then trains the shipped base on the first tenth of them and on all of

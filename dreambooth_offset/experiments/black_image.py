@@ -113,7 +113,8 @@ def prior_keys(folder: Path) -> dict:
 def leak_starts(pipe, instance_dir: Path, num_inference_steps: int, starts: torch.Tensor) -> torch.Tensor:
     """x_t0 = a_t0 * x0_black + s_t0 * eps at the sampler's first timestep t0: the start a model
     trained without offset noise saw in training (docs/science.md, "Measuring brightness": the mechanism check)."""
-    from dreambooth_offset.training.data import find_images, load_resized
+    from dreambooth_offset.data.images import load_resized
+    from dreambooth_offset.training.data import find_images
     from dreambooth_offset.training.models import latent_distribution, scale_latents
 
     img = load_resized(find_images(instance_dir, "instance_data_dir"), starts.shape[-1] * pipe.vae_scale_factor)[0]

@@ -12,6 +12,7 @@ made from the run's generator after its latents are drawn, and encoded in the st
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import NamedTuple
 
 import torch
@@ -19,9 +20,10 @@ from torch import Tensor
 
 from dreambooth_offset.config import DataConfig
 from dreambooth_offset.data.captions import CaptionPolicy, apply_policy, caption_policy
+from dreambooth_offset.data.images import shape_of
 from dreambooth_offset.data.buckets import epoch_batches
 from dreambooth_offset.training.data import (Example, crop_is_random, crop_top_left, draw_bucket_examples, draw_examples,
-                                             epoch_indices, shape_of, stack_pixels)
+                                             epoch_indices, stack_pixels)
 from dreambooth_offset.training.family import Conditioning, encode_prompts, time_ids, tokenize
 from dreambooth_offset.training.models import latent_distribution, sample_latents
 
@@ -35,6 +37,12 @@ class Batch(NamedTuple):
     num_instance: int  # rows [0, num_instance) are instance rows, the rest class rows
     time_ids: Tensor | None = None  # SDXL: (B, 6) original size, crop top-left, target size per row
     mask: Tensor | None = None  # --masked_loss: (B, 1, h, w) per-latent-pixel loss weights in [0, 1]
+
+
+def latent_mask(pixels: Tensor, latents: Tensor) -> Tensor:
+    """--masked_loss: the rows' masks (channel 3 of `pixels`, cropped and flipped with the image,
+    in [-1, 1]) as [0, 1] weights averaged down to the latent grid (kohya's 'area' resize)."""
+    return torch.nn.functional.interpolate((pixels[:, 3:] + 1) / 2, size=tuple(latents.shape[2:]), mode="area")
 
 
 class BatchSource:
@@ -69,7 +77,8 @@ class BatchSource:
         self.slot_buckets, self._epoch = None, (None, None)
         if buckets is not None:
             self.slot_buckets = [buckets[i] for i in self.slots["instance"]]
-            self.batches_per_epoch = len(epoch_batches(self.slot_buckets, cfg.train_batch_size, seed, 0, 0))
+            b = cfg.train_batch_size
+            self.batches_per_epoch = sum(-(-n // b) for n in Counter(self.slot_buckets).values())
             self.cache = {} if cfg.center_crop else None
 
     def _bucket_batch(self, k: int) -> list[int]:
@@ -80,11 +89,12 @@ class BatchSource:
                                                 STREAMS["instance"], epoch))
         return self._epoch[1][pos]
 
-    def _posterior(self, examples: list[Example]) -> tuple[Tensor, Tensor]:
+    def _posterior(self, examples: list[Example], pixels: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The rows' VAE posteriors: from `pixels` (the batch's, a mask in channel 3) without the
+        cache, else cached per (image, crop, flip)."""
         if self.cache is None:
-            pixels = stack_pixels(examples, self.images, self.cfg.resolution)[:, :3]  # a mask is channel 3
             with torch.no_grad():
-                return latent_distribution(self.vae, pixels)
+                return latent_distribution(self.vae, pixels[:, :3])
         missing = [e for e in dict.fromkeys(examples) if e not in self.cache]
         if missing:
             with torch.no_grad():
@@ -120,7 +130,10 @@ class BatchSource:
         return self._batch(examples, generator)
 
     def _batch(self, examples: list[Example], generator: torch.Generator) -> Batch:
-        mean, std = self._posterior(examples)
+        pixels = None  # cut once, for the VAE (without the cache) and the --masked_loss mask
+        if self.cache is None or self.cfg.masked_loss:
+            pixels = stack_pixels(examples, self.images, self.cfg.resolution)
+        mean, std = self._posterior(examples, pixels)
         latents = sample_latents(mean, std, self.vae.config, generator)
         if self.random_captions:
             texts = [apply_policy(self.captions[e.source][e.index], self.policies[e.source][e.index], generator)
@@ -130,15 +143,7 @@ class BatchSource:
             rows = torch.tensor([self.caption_row[e.source][e.index] for e in examples])
             input_ids, context = self.input_ids[rows], None if self.embeddings is None else self.embeddings.rows(rows)
         return Batch(latents, input_ids, context, sum(e.source == "instance" for e in examples),
-                     self._time_ids(examples), self._mask(examples, latents.shape[2:]))
-
-    def _mask(self, examples: list[Example], size) -> Tensor | None:
-        """--masked_loss: each row's mask (channel 3, cropped and flipped with the image), averaged
-        down to the latent grid (kohya's 'area' resize)."""
-        if not self.cfg.masked_loss:
-            return None
-        masks = (stack_pixels(examples, self.images, self.cfg.resolution)[:, 3:] + 1) / 2
-        return torch.nn.functional.interpolate(masks, size=tuple(size), mode="area")
+                     self._time_ids(examples), None if not self.cfg.masked_loss else latent_mask(pixels, latents))
 
     def _time_ids(self, examples: list[Example]) -> Tensor | None:
         if self.sizes is None:

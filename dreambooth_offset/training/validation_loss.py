@@ -46,7 +46,7 @@ def split_held_out(data: tuple[dict, ...], fraction: float, seed: int) -> tuple[
 
 
 def _pick(values, rows: list[int]):
-    """The `rows` of a list, or of an image store (training/data.py) without decoding it."""
+    """The `rows` of a list, or of an image store (data/images.py) without decoding it."""
     return values.select(rows) if hasattr(values, "select") else [values[i] for i in rows]
 
 

@@ -8,7 +8,7 @@ from PIL import Image
 from dreambooth_offset.cli import main
 from dreambooth_offset.errors import UsageError
 from dreambooth_offset.noise.objective import dreambooth_loss
-from dreambooth_offset.training.data import load_resized
+from dreambooth_offset.data.images import load_resized
 from dreambooth_offset.training.prepare import prepare
 from tests.tiny import RESOLUTION, flags, overrides
 

@@ -117,7 +117,7 @@ def test_shipped_prior_is_the_bases_training_data_without_the_evaluated_prompts(
     from dreambooth_offset.base_model.synthetic import caption_words
 
     def captions_and_luminances(folder):
-        from dreambooth_offset.training.data import load_resized
+        from dreambooth_offset.data.images import load_resized
 
         txts = sorted(folder.glob("*.txt"))
         images = load_resized(sorted(folder.glob("*.png")), 64)

@@ -3,7 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth_offset.training.data import epoch_indices, find_images, load_resized, read_captions
+from dreambooth_offset.data.images import load_resized
+from dreambooth_offset.training.data import epoch_indices, find_images, read_captions
 from dreambooth_offset.errors import UsageError
 
 
@@ -87,7 +88,7 @@ def test_deep_cmyk_and_animated_images_are_converted_as_shown(tmp_path, capsys):
 
 
 def test_the_image_store_decodes_on_use_with_the_shapes_it_promised(tmp_path):
-    from dreambooth_offset.training.data import ImageStore, original_sizes
+    from dreambooth_offset.data.images import ImageStore, original_sizes
 
     img = Image.new("RGB", (40, 20), (255, 0, 0))
     exif = Image.Exif()
