@@ -1,12 +1,14 @@
 """The data pipeline at the size users bring: peak RSS and steps/s of the real `train` command on
-many photos of mixed sizes, to show that memory does not grow with the number of images (they are
-decoded when a batch uses them, data/images.py: ImageStore).
+many photos of mixed sizes, without a cache (memory must not grow with the number of images: they
+are decoded when a batch uses them, data/images.py: ImageStore), with the memory latent cache and
+with the disk cache (first run, which builds it, and second run, which reads it).
 
-Generates `--images` JPEGs of random sizes (sides 0.75x to 2x `--resolution`, so crops are random
-and nothing is cached), then trains the shipped base on the first tenth of them and on all of
-them, each run in a fresh process, and prints per run: images, the trainer's steps/s
-and the process's peak RSS. With `--bucket` the
-runs use aspect-ratio buckets too.
+Generates `--images` JPEGs of random sizes (sides 0.75x to 2x `--resolution`), then trains the
+shipped base, each run in a fresh process: without a cache (random crops) on the first tenth of
+them and on all; with `--center_crop --cache_latents`; with `--center_crop --cache_latents_to_disk`
+twice. Prints per run: images, cache, the caching time the trainer reports, the trainer's steps/s
+after its first step, the run's wall time and the process's peak RSS. With `--bucket` the runs use
+aspect-ratio buckets too.
 
     python benchmarks/data_pipeline.py [--images 2000] [--resolution 512] [--steps 20] [--bucket]
 """
@@ -28,9 +30,11 @@ import json, resource, sys
 from dreambooth_offset.config import load_config
 from dreambooth_offset.training.train import train
 result = train(load_config(None, json.loads(sys.argv[1])))
-print("RESULT", json.dumps({"steps_per_second": result.steps_per_second,
+print("RESULT", json.dumps({"steps_per_second": result.steps_per_second, "seconds": result.seconds,
                             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
+CACHES = {"none": {}, "memory": {"center_crop": True, "cache_latents": True},
+          "disk": {"center_crop": True, "cache_latents_to_disk": True}}
 
 
 def make_images(folder: Path, count: int, resolution: int, seed: int = 0) -> Path:
@@ -47,16 +51,21 @@ def make_images(folder: Path, count: int, resolution: int, seed: int = 0) -> Pat
     return folder
 
 
-def run(images: Path, resolution: int, steps: int, out: Path, bucket: bool) -> dict:
+def run(images: Path, resolution: int, steps: int, out: Path, bucket: bool, cache: str, cache_dir: Path) -> dict:
     values = {"pretrained_model_name_or_path": str(SHIPPED_BASE), "instance_data_dir": str(images),
               "instance_prompt": "a photo of sks dog", "resolution": resolution, "train_batch_size": 1,
               "max_train_steps": steps, "output_dir": str(out), "report_to": "none", "optimizer": "adamw",
               "random_flip": True}
     if bucket:
         values.update(enable_bucket=True, min_bucket_reso=resolution // 2, max_bucket_reso=resolution * 2)
-    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(values)], capture_output=True, text=True, check=True)
+    values.update(CACHES[cache], disk_cache_dir=str(cache_dir))
+    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(values)], capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"the {cache} run failed:\n{done.stderr[-3000:]}")
     line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    report = next((x for x in done.stdout.splitlines() if x.startswith("latent cache")), "")
+    caching = float(report.rsplit(" in ", 1)[1].split()[0]) if report else 0.0
+    return {**json.loads(line[len("RESULT "):]), "caching_s": caching, "report": report}
 
 
 def main() -> None:
@@ -74,11 +83,17 @@ def main() -> None:
         few.mkdir()
         for path in sorted((tmp / "all").iterdir())[: max(1, args.images // 10)]:
             (few / path.name).symlink_to(path)
-        print("| images | resolution | buckets | steps/s | peak RSS MiB |\n|---|---|---|---|---|")
-        for folder in (few, tmp / "all"):
-            r = run(folder, args.resolution, args.steps, tmp / f"out-{folder.name}", args.bucket)
+        print("| images | resolution | buckets | cache | caching s | steps/s | run s | peak RSS MiB |\n"
+              "|---|---|---|---|---|---|---|---|")
+        plan = [(few, "none"), (tmp / "all", "none"), (tmp / "all", "memory"), (tmp / "all", "disk"),
+                (tmp / "all", "disk")]
+        for i, (folder, cache) in enumerate(plan):
+            r = run(folder, args.resolution, args.steps, tmp / f"out-{i}", args.bucket, cache, tmp / "cache")
+            label = cache if cache != "disk" else ("disk, first run" if plan[:i].count(plan[i]) == 0 else
+                                                   "disk, second run")
             print(f"| {len(list(folder.iterdir()))} | {args.resolution} | {'yes' if args.bucket else 'no'} | "
-                  f"{r['steps_per_second']:.2f} | {r['peak_rss_mib']:.0f} |", flush=True)
+                  f"{label} | {r['caching_s']:.1f} | {r['steps_per_second']:.3f} | {r['seconds']:.0f} | "
+                  f"{r['peak_rss_mib']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

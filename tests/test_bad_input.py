@@ -196,6 +196,22 @@ def image_smaller_than_the_smallest_bucket(ctx):
                   bucket_reso_steps=8)
 
 
+@case(2, "--cache_latents: crops are random")
+def cache_latents_with_random_crops(ctx):
+    return _train(ctx, _images(ctx, "data"), cache_latents=True)  # 20 x 16 images, 16 px crops, no --center_crop
+
+
+@case(0, "cannot be read (SafetensorError")
+def corrupt_latent_cache_entry(ctx):
+    data, cache = _images(ctx, "data"), ctx.tmp / "cache"
+    first = flags(ctx.model, data, ctx.tmp / "first", max_train_steps=1, optimizer="adamw", center_crop=True,
+                  cache_latents_to_disk=True, disk_cache_dir=cache)
+    assert main([str(a) for a in first]) == 0
+    entry = next((cache / "latents").glob("*.safetensors"))
+    entry.write_bytes(b"\0" * 7)
+    return _train(ctx, data, center_crop=True, cache_latents_to_disk=True, disk_cache_dir=cache)
+
+
 @case(2, "no mask for")
 def masked_loss_without_a_mask_file(ctx):
     (ctx.tmp / "masks").mkdir()

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from dreambooth_offset.config.fields import check_choices, option, section
 from dreambooth_offset.config.noise import LossConfig, NoiseConfig, check_zero_terminal_snr
-from dreambooth_offset.config.sections import AdapterConfig, DataConfig, ModelConfig, SamplingConfig, TrainConfig
+from dreambooth_offset.config.data import DataConfig
+from dreambooth_offset.config.sections import AdapterConfig, ModelConfig, SamplingConfig, TrainConfig
 from dreambooth_offset.errors import UsageError
 
 # The WebUI base models (webui/keys.py BASES holds their specs) and the tensor dtypes of `export`.

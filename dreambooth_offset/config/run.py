@@ -9,9 +9,9 @@ from typing import Any
 
 from dreambooth_offset.config.fields import section
 from dreambooth_offset.config.noise import OFFSET_MODIFIERS, LossConfig, NoiseConfig, check_zero_terminal_snr
+from dreambooth_offset.config.data import DataConfig
 from dreambooth_offset.config.sections import (
     AdapterConfig,
-    DataConfig,
     ModelConfig,
     OptimConfig,
     SamplingConfig,
@@ -56,7 +56,7 @@ RESUME_MAY_CHANGE = (
     "max_train_steps", "resume_from_checkpoint", "checkpointing_steps", "checkpoints_total_limit", "output_dir",
     "output_name", "report_to", "validation_prompt", "num_validation_images", "validation_steps",
     "num_inference_steps", "guidance_scale", "guidance_rescale", "gradient_checkpointing", "sample_batch_size",
-    "validate_every_n_steps",
+    "validate_every_n_steps", "disk_cache_dir",
 )
 
 

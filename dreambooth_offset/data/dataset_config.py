@@ -19,7 +19,7 @@ SUBSET_KEYS: dict[str, type | tuple[type, ...]] = {
     "image_dir": str, "num_repeats": int, "caption_extension": str, "class_tokens": str, "is_reg": bool,
     "keep_tokens": int, "shuffle_caption": bool, "caption_dropout_rate": (int, float),
     "caption_tag_dropout_rate": (int, float), "caption_prefix": str, "caption_suffix": str,
-    "flip_aug": bool, "random_crop": bool, "alpha_mask": bool,
+    "flip_aug": bool, "random_crop": bool, "alpha_mask": bool, "conditioning_data_dir": str,
 }
 # Dataset keys (also valid in [general]): the run's resolution and batch size.
 DATASET_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -30,8 +30,7 @@ DATASET_KEYS: dict[str, type | tuple[type, ...]] = {
 KOHYA_UNSUPPORTED = {
     "caption_separator", "keep_tokens_separator", "secondary_separator", "enable_wildcard", "color_aug",
     "face_crop_aug_range", "caption_dropout_every_n_epochs", "token_warmup_min", "token_warmup_step",
-    "cache_info", "custom_attributes", "metadata_file", "conditioning_data_dir",
-    "network_multiplier",
+    "cache_info", "custom_attributes", "metadata_file", "network_multiplier",
     "validation_seed", "validation_split", "resize_interpolation", "debug_dataset",
 }
 # What a run-wide key of the file sets in the run's DataConfig.
@@ -135,6 +134,7 @@ def _subset(s: dict, where: str, source: Path, defaults: CaptionPolicy, caption_
         float(s.get("caption_dropout_rate", defaults.dropout_rate)),
         float(s.get("caption_tag_dropout_rate", defaults.tag_dropout_rate)),
         s.get("caption_prefix", defaults.prefix), s.get("caption_suffix", defaults.suffix))
-    # a relative image_dir is relative to the working directory, as kohya reads it
+    masks = s.get("conditioning_data_dir")  # --masked_loss: this subset's mask images, by file stem
+    # relative folders are relative to the working directory, as kohya reads them
     return Subset(Path(s["image_dir"]), s.get("class_tokens", ""), s.get("num_repeats", 1), "dataset_config", ext,
-                  policy)
+                  policy, mask_dir=None if masks is None else Path(masks))

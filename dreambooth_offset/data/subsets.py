@@ -23,6 +23,7 @@ class Subset:
     caption_extension: str = ""  # its images' caption files: <stem><caption_extension>; "" for none
     policy: CaptionPolicy = CaptionPolicy()  # the caption options for its images
     captions: tuple[str, ...] | None = None  # --dataset_name: each image's caption, from its column
+    mask_dir: Path | None = None  # a dataset file's conditioning_data_dir: --masked_loss masks by file stem
 
     @property
     def caption_source(self) -> str:

@@ -3,7 +3,9 @@
 When cropping is deterministic (center crop, or images already square at the resolution), each
 (image, flip) is encoded by the VAE once and its posterior (mean, std) is kept; every step then
 draws a fresh posterior sample from the run's generator. The draws are the same as when encoding
-every step, so caching changes speed, not results.
+every step, so caching changes speed, not results. --cache_latents encodes every row before the
+first step (and refuses random crops); --cache_latents_to_disk keeps the entries on disk
+(training/caching.py); --cache_text_encoder_outputs(_to_disk) likewise for the captions.
 
 An image with N repeats (kohya's `N_name` folders) holds N places in every epoch. Fixed captions
 are tokenized (and, with frozen text encoders, encoded) once; with a random caption option
@@ -19,13 +21,15 @@ import torch
 from torch import Tensor
 
 from dreambooth_offset.config import DataConfig
+from dreambooth_offset.errors import UsageError
 from dreambooth_offset.data.captions import CaptionPolicy, apply_policy, caption_policy
 from dreambooth_offset.data.images import shape_of
 from dreambooth_offset.data.buckets import epoch_batches
+from dreambooth_offset.training.caching import LatentCache, cache_folder, cached_conditioning, encode_rows, every_crop
 from dreambooth_offset.training.data import (Example, crop_is_random, crop_top_left, draw_bucket_examples, draw_examples,
-                                             epoch_indices, stack_pixels)
+                                             epoch_indices)
 from dreambooth_offset.training.family import Conditioning, encode_prompts, time_ids, tokenize
-from dreambooth_offset.training.models import latent_distribution, sample_latents
+from dreambooth_offset.training.models import sample_latents
 
 STREAMS = {"instance": 0, "class": 1}
 
@@ -37,12 +41,6 @@ class Batch(NamedTuple):
     num_instance: int  # rows [0, num_instance) are instance rows, the rest class rows
     time_ids: Tensor | None = None  # SDXL: (B, 6) original size, crop top-left, target size per row
     mask: Tensor | None = None  # --masked_loss: (B, 1, h, w) per-latent-pixel loss weights in [0, 1]
-
-
-def latent_mask(pixels: Tensor, latents: Tensor) -> Tensor:
-    """--masked_loss: the rows' masks (channel 3 of `pixels`, cropped and flipped with the image,
-    in [-1, 1]) as [0, 1] weights averaged down to the latent grid (kohya's 'area' resize)."""
-    return torch.nn.functional.interpolate((pixels[:, 3:] + 1) / 2, size=tuple(latents.shape[2:]), mode="area")
 
 
 class BatchSource:
@@ -70,16 +68,30 @@ class BatchSource:
             rows = iter(row_of[c] for c in fixed)
             self.caption_row = {src: [next(rows) for _ in caps] for src, caps in captions.items()}
             self.input_ids = tokenize(parts.tokenizers, list(row_of))
-            if not train_text_encoder:  # frozen encoders give the same context every step
+            if cfg.caches_text:
+                self.embeddings, report = cached_conditioning(
+                    parts.text_encoders, self.input_ids,
+                    cache_folder(cfg, "text") if cfg.cache_text_encoder_outputs_to_disk else None)
+                print(report)
+            elif not train_text_encoder:  # frozen encoders give the same context every step
                 with torch.no_grad():
                     self.embeddings = encode_prompts(parts.text_encoders, self.input_ids)
-        self.cache = None if any(crop_is_random(imgs, cfg.resolution, cfg.center_crop) for imgs in images.values()) else {}
+        fixed = not any(crop_is_random(imgs, cfg.resolution, cfg.center_crop) for imgs in images.values())
         self.slot_buckets, self._epoch = None, (None, None)
         if buckets is not None:
             self.slot_buckets = [buckets[i] for i in self.slots["instance"]]
             b = cfg.train_batch_size
             self.batches_per_epoch = sum(-(-n // b) for n in Counter(self.slot_buckets).values())
-            self.cache = {} if cfg.center_crop else None
+            fixed = cfg.center_crop
+        if cfg.caches_latents and not fixed:
+            raise UsageError("--cache_latents: crops are random (images larger than --resolution, or buckets, "
+                             "without --center_crop), so no two steps see the same latents; add --center_crop")
+        self.cache = None
+        if fixed:
+            folder = cache_folder(cfg, "latents") if cfg.cache_latents_to_disk else None
+            self.cache = LatentCache(self.vae, images, cfg.resolution, cfg.masked_loss, folder)
+            if cfg.caches_latents:
+                print(self.cache.fill(every_crop(images, cfg.resolution, cfg.random_flip, buckets)))
 
     def _bucket_batch(self, k: int) -> list[int]:
         """The instance slots of global batch `k` in bucket mode (one epoch's batch list kept)."""
@@ -88,19 +100,6 @@ class BatchSource:
             self._epoch = (epoch, epoch_batches(self.slot_buckets, self.cfg.train_batch_size, self.seed,
                                                 STREAMS["instance"], epoch))
         return self._epoch[1][pos]
-
-    def _posterior(self, examples: list[Example], pixels: Tensor | None) -> tuple[Tensor, Tensor]:
-        """The rows' VAE posteriors: from `pixels` (the batch's, a mask in channel 3) without the
-        cache, else cached per (image, crop, flip)."""
-        if self.cache is None:
-            with torch.no_grad():
-                return latent_distribution(self.vae, pixels[:, :3])
-        missing = [e for e in dict.fromkeys(examples) if e not in self.cache]
-        if missing:
-            with torch.no_grad():
-                mean, std = latent_distribution(self.vae, stack_pixels(missing, self.images, self.cfg.resolution)[:, :3])
-            self.cache.update({e: (m, s) for e, m, s in zip(missing, mean, std)})
-        return torch.stack([self.cache[e][0] for e in examples]), torch.stack([self.cache[e][1] for e in examples])
 
     def __call__(self, micro_step: int, generator: torch.Generator) -> Batch:
         """The batch of this process for global micro-step `micro_step` (0, 1, 2, ...)."""
@@ -130,10 +129,11 @@ class BatchSource:
         return self._batch(examples, generator)
 
     def _batch(self, examples: list[Example], generator: torch.Generator) -> Batch:
-        pixels = None  # cut once, for the VAE (without the cache) and the --masked_loss mask
-        if self.cache is None or self.cfg.masked_loss:
-            pixels = stack_pixels(examples, self.images, self.cfg.resolution)
-        mean, std = self._posterior(examples, pixels)
+        if self.cache is None:
+            rows = encode_rows(self.vae, examples, self.images, self.cfg.resolution, self.cfg.masked_loss)
+            mean, std, mask = rows["mean"], rows["std"], rows.get("mask")
+        else:
+            mean, std, mask = self.cache(examples)
         latents = sample_latents(mean, std, self.vae.config, generator)
         if self.random_captions:
             texts = [apply_policy(self.captions[e.source][e.index], self.policies[e.source][e.index], generator)
@@ -143,7 +143,7 @@ class BatchSource:
             rows = torch.tensor([self.caption_row[e.source][e.index] for e in examples])
             input_ids, context = self.input_ids[rows], None if self.embeddings is None else self.embeddings.rows(rows)
         return Batch(latents, input_ids, context, sum(e.source == "instance" for e in examples),
-                     self._time_ids(examples), None if not self.cfg.masked_loss else latent_mask(pixels, latents))
+                     self._time_ids(examples), mask)
 
     def _time_ids(self, examples: list[Example]) -> Tensor | None:
         if self.sizes is None:

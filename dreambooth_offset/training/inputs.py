@@ -46,6 +46,8 @@ def check_inputs(cfg: RunConfig) -> Inputs:
                for source, found in named.items()}
     if cfg.data.dataset_name:
         subsets["instance"] = [dataset_subset(cfg.data)]
+    check_text_cache(cfg, subsets)
+    check_mask_dirs(cfg, subsets)
     if cfg.data.with_prior_preservation and Path(cfg.data.class_data_dir).is_dir():
         find_images(cfg.data.class_data_dir, "class_data_dir", allow_empty=True, caption_extension=captions)
     out = Path(cfg.train.output_dir)
@@ -60,6 +62,31 @@ def check_inputs(cfg: RunConfig) -> Inputs:
     if resume is not None:
         checkpoint.check_resumable(resume, cfg)
     return Inputs(cfg, subsets, resume)
+
+
+def check_mask_dirs(cfg: RunConfig, subsets: dict[str, list[tuple[Subset, list[Path]]]]) -> None:
+    """A dataset file's conditioning_data_dir is a mask folder for --masked_loss, and a
+    --masked_loss run from a dataset file needs a mask from somewhere."""
+    named = next((s for found in subsets.values() for s, _ in found if s.mask_dir is not None), None)
+    if named is not None and not cfg.data.masked_loss:
+        raise UsageError(f"{cfg.data.dataset_config}: conditioning_data_dir {named.mask_dir} is a mask folder for "
+                         "--masked_loss, which is off: add --masked_loss")
+    if cfg.data.masked_loss and named is None and not (cfg.data.alpha_mask or cfg.data.conditioning_data_dir):
+        raise UsageError(f"--masked_loss needs a mask: alpha_mask, or conditioning_data_dir in "
+                         f"{cfg.data.dataset_config or 'the flags'}")
+
+
+def check_text_cache(cfg: RunConfig, subsets: dict[str, list[tuple[Subset, list[Path]]]]) -> None:
+    """--cache_text_encoder_outputs needs frozen encoders and captions that stay the same (kohya's rule)."""
+    if not cfg.data.caches_text:
+        return
+    if cfg.adapter.train_text_encoder or cfg.adapter.train_text_encoder_2:
+        raise UsageError("--cache_text_encoder_outputs with --train_text_encoder: a trained encoder's outputs change "
+                         "every step; drop one of them")
+    random = next((s for found in subsets.values() for s, _ in found if s.policy.is_random), None)
+    if random is not None:
+        raise UsageError(f"--cache_text_encoder_outputs: the captions of {random.image_dir} change every step "
+                         "(shuffle_caption / caption_dropout_rate / caption_tag_dropout_rate); drop one of them")
 
 
 def load_data(cfg: RunConfig, parts: SDParts, accelerator, subsets: dict[str, list[tuple[Subset, list[Path]]]]):
@@ -83,7 +110,8 @@ def load_data(cfg: RunConfig, parts: SDParts, accelerator, subsets: dict[str, li
         per_subset = [list(s.captions) if s.captions is not None else read_captions(ps, s.caption_extension, s.caption)
                       for s, ps in found]
         sizes[src] = original_sizes(paths)
-        images[src] = ImageStore(paths, res, mask_sources(cfg.data, src, paths), sizes[src])  # decoded when used
+        masks = None if not cfg.data.masked_loss else [m for s, ps in found for m in mask_sources(cfg.data, src, s, ps)]
+        images[src] = ImageStore(paths, res, masks, sizes[src])  # decoded when used
         captions[src] = [c for caps in per_subset for c in caps]
         repeats[src] = [s.num_repeats for s, ps in found for _ in ps]
         policies[src] = [s.policy for s, ps in found for _ in ps]
@@ -93,14 +121,14 @@ def load_data(cfg: RunConfig, parts: SDParts, accelerator, subsets: dict[str, li
     return images, captions, sizes, repeats, policies, dataset_summary(subsets, captions)
 
 
-def mask_sources(data, source: str, paths: list) -> list[str | Path | None] | None:
-    """Where each image's --masked_loss mask comes from: "alpha", its file in
-    --conditioning_data_dir (instance images), or None (all trained); None without masked loss."""
-    if not data.masked_loss:
-        return None
-    if not (data.conditioning_data_dir and source == "instance"):
+def mask_sources(data, source: str, subset: Subset, paths: list) -> list[str | Path | None]:
+    """Where each image of `subset` gets its --masked_loss mask: its file in the subset's
+    conditioning_data_dir (a dataset file's key) or in --conditioning_data_dir (instance images),
+    else "alpha" (--alpha_mask) or None (all trained)."""
+    folder = subset.mask_dir or (Path(data.conditioning_data_dir) if data.conditioning_data_dir and
+                                 source == "instance" else None)
+    if folder is None:
         return ["alpha" if data.alpha_mask else None] * len(paths)
-    folder = Path(data.conditioning_data_dir)
     masks = {p.stem: p for p in find_images(folder, "conditioning_data_dir")}
     missing = next((p for p in paths if getattr(p, "stem", None) not in masks), None)
     if missing is not None:

@@ -73,3 +73,22 @@ def test_a_mask_folder_needs_a_mask_per_image(tiny_model, instance_dir, tmp_path
         overrides(tiny_model, instance_dir, tmp_path, masked_loss=True)
     with pytest.raises(UsageError, match="alpha_mask is a mask for masked_loss, which is off"):
         overrides(tiny_model, instance_dir, tmp_path, alpha_mask=True)
+
+
+def test_a_dataset_files_conditioning_data_dir_masks_its_subset(tiny_model, tmp_path):
+    from tests.tiny import write_images
+
+    masked, plain, masks = (write_images(tmp_path / n, [(200, 30, 30)]) for n in ("masked", "plain", "masks"))
+    Image.new("L", (20, 16), 0).save(masks / "img0.png")  # black: nothing of this image trains
+    toml = tmp_path / "dataset.toml"
+    toml.write_text(f'[[datasets]]\nresolution = {RESOLUTION}\nbatch_size = 1\nrandom_crop = false\n'
+                    f'  [[datasets.subsets]]\n  image_dir = "{masked}"\n  class_tokens = "sks dog"\n'
+                    f'  conditioning_data_dir = "{masks}"\n'
+                    f'  [[datasets.subsets]]\n  image_dir = "{plain}"\n  class_tokens = "sks cat"\n')
+    run = prepare(overrides(tiny_model, "", tmp_path / "out", instance_prompt="", dataset_config=str(toml),
+                            masked_loss=True))
+    assert run.batches.images["instance"].masks == [masks / "img0.png", None]
+    seen = sorted(run.batches(k, run.generator).mask.max().item() for k in range(2))  # one epoch: each image once
+    assert seen == [0.0, 1.0]  # the masked subset's image all black, the other all trained
+    with pytest.raises(UsageError, match="conditioning_data_dir .* is a mask folder for --masked_loss, which is off"):
+        prepare(overrides(tiny_model, "", tmp_path / "out2", instance_prompt="", dataset_config=str(toml)))
