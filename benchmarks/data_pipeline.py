@@ -3,8 +3,14 @@ many photos of mixed sizes, without a cache (memory must not grow with the numbe
 are decoded when a batch uses them, data/images.py: ImageStore), with the memory latent cache and
 with the disk cache (first run, which builds it, and second run, which reads it).
 
-Generates `--images` JPEGs of random sizes (sides 0.75x to 2x `--resolution`), then trains the
-shipped base, each run in a fresh process: without a cache (random crops) on the first tenth of
+The model is the shipped base's text encoder, tokenizer and scheduler with a VAE that downsamples
+8x, as SD's does, and a small UNet (attention only at 1/16 of the image side), random weights:
+the shipped base's own VAE downsamples 2x, so at 512 px its UNet would work on 256 x 256 latents
+(31 s a step on 2 cores) and hide the data pipeline this measures. Built once per run of the
+script, offline.
+
+Generates `--images` JPEGs of random sizes (sides 0.75x to 2x `--resolution`), then trains that
+model, each run in a fresh process: without a cache (random crops) on the first tenth of
 them and on all; with `--center_crop --cache_latents`; with `--center_crop --cache_latents_to_disk`
 twice. Prints per run: images, cache, the caching time the trainer reports, the trainer's steps/s
 after its first step, the run's wall time and the process's peak RSS. With `--bucket` the runs use
@@ -51,8 +57,31 @@ def make_images(folder: Path, count: int, resolution: int, seed: int = 0) -> Pat
     return folder
 
 
-def run(images: Path, resolution: int, steps: int, out: Path, bucket: bool, cache: str, cache_dir: Path) -> dict:
-    values = {"pretrained_model_name_or_path": str(SHIPPED_BASE), "instance_data_dir": str(images),
+def build_model(folder: Path) -> Path:
+    """The shipped base with an SD-like 8x VAE and a small UNet, random weights (see the docstring)."""
+    import shutil
+
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    shutil.copytree(SHIPPED_BASE, folder)
+    torch.manual_seed(0)
+    width = json.loads((folder / "text_encoder" / "config.json").read_text())["hidden_size"]
+    vae = AutoencoderKL(block_out_channels=[16, 32, 32, 32], latent_channels=4, norm_num_groups=8, layers_per_block=1,
+                        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64, 64), layers_per_block=1, sample_size=64, cross_attention_dim=width,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
+        attention_head_dim=8)
+    for name, module in (("vae", vae), ("unet", unet)):
+        shutil.rmtree(folder / name)
+        module.save_pretrained(folder / name, safe_serialization=True)
+    return folder
+
+
+def run(model: Path, images: Path, resolution: int, steps: int, out: Path, bucket: bool, cache: str, cache_dir: Path) -> dict:
+    values = {"pretrained_model_name_or_path": str(model), "instance_data_dir": str(images),
               "instance_prompt": "a photo of sks dog", "resolution": resolution, "train_batch_size": 1,
               "max_train_steps": steps, "output_dir": str(out), "report_to": "none", "optimizer": "adamw",
               "random_flip": True}
@@ -77,6 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        model = build_model(tmp / "model")
         print(f"writing {args.images} JPEGs ...", flush=True)
         make_images(tmp / "all", args.images, args.resolution)
         few = tmp / "few"
@@ -88,7 +118,7 @@ def main() -> None:
         plan = [(few, "none"), (tmp / "all", "none"), (tmp / "all", "memory"), (tmp / "all", "disk"),
                 (tmp / "all", "disk")]
         for i, (folder, cache) in enumerate(plan):
-            r = run(folder, args.resolution, args.steps, tmp / f"out-{i}", args.bucket, cache, tmp / "cache")
+            r = run(model, folder, args.resolution, args.steps, tmp / f"out-{i}", args.bucket, cache, tmp / "cache")
             label = cache if cache != "disk" else ("disk, first run" if plan[:i].count(plan[i]) == 0 else
                                                    "disk, second run")
             print(f"| {len(list(folder.iterdir()))} | {args.resolution} | {'yes' if args.bucket else 'no'} | "

@@ -76,22 +76,28 @@ class BatchSource:
             elif not train_text_encoder:  # frozen encoders give the same context every step
                 with torch.no_grad():
                     self.embeddings = encode_prompts(parts.text_encoders, self.input_ids)
-        fixed = not any(crop_is_random(imgs, cfg.resolution, cfg.center_crop) for imgs in images.values())
         self.slot_buckets, self._epoch = None, (None, None)
         if buckets is not None:
             self.slot_buckets = [buckets[i] for i in self.slots["instance"]]
             b = cfg.train_batch_size
             self.batches_per_epoch = sum(-(-n // b) for n in Counter(self.slot_buckets).values())
-            fixed = cfg.center_crop
+        self.cache = self._latent_cache(buckets)
+
+    def _latent_cache(self, buckets: list[tuple[int, int]] | None) -> LatentCache | None:
+        """The posterior cache when every crop is fixed (filled now under --cache_latents), else None."""
+        cfg, images = self.cfg, self.images
+        fixed = cfg.center_crop if buckets is not None else \
+            not any(crop_is_random(imgs, cfg.resolution, cfg.center_crop) for imgs in images.values())
         if cfg.caches_latents and not fixed:
             raise UsageError("--cache_latents: crops are random (images larger than --resolution, or buckets, "
                              "without --center_crop), so no two steps see the same latents; add --center_crop")
-        self.cache = None
-        if fixed:
-            folder = cache_folder(cfg, "latents") if cfg.cache_latents_to_disk else None
-            self.cache = LatentCache(self.vae, images, cfg.resolution, cfg.masked_loss, folder)
-            if cfg.caches_latents:
-                print(self.cache.fill(every_crop(images, cfg.resolution, cfg.random_flip, buckets)))
+        if not fixed:
+            return None
+        folder = cache_folder(cfg, "latents") if cfg.cache_latents_to_disk else None
+        cache = LatentCache(self.vae, images, cfg.resolution, cfg.masked_loss, folder)
+        if cfg.caches_latents:
+            print(cache.fill(every_crop(images, cfg.resolution, cfg.random_flip, buckets)))
+        return cache
 
     def _bucket_batch(self, k: int) -> list[int]:
         """The instance slots of global batch `k` in bucket mode (one epoch's batch list kept)."""
