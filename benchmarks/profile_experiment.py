@@ -12,7 +12,10 @@ code (training/prepare.py, training/step.py):
   offset run's LoRA;
 - prints the ten operators with the most self CPU time of 5 training steps and of one sampling.
 
-    python benchmarks/profile_experiment.py DIR [--steps 20]
+    python benchmarks/profile_experiment.py DIR [--steps 20] [--mixed_precision bf16] [--channels_last]
+
+`--mixed_precision` and `--channels_last` (the UNet's memory format) are levers to measure: the
+training step is timed with them; sampling stays as the experiment runs it.
 """
 from __future__ import annotations
 
@@ -62,14 +65,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("report", type=Path, help="a black-image report folder (its runs/ and data/)")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
+                        help="default: the run's own")
+    parser.add_argument("--channels_last", action="store_true")
     args = parser.parse_args()
     run_dir = args.report / "runs" / "noise_offset=0.1-seed0"
     values = json.loads((run_dir / "training_config.json").read_text())
-    print(f"{torch.get_num_threads()} threads; the offset run's settings from {run_dir}")
+    print(f"{torch.get_num_threads()} threads; the offset run's settings from {run_dir}; mixed precision "
+          f"{args.mixed_precision or values.get('mixed_precision')}, channels_last {args.channels_last}")
     with tempfile.TemporaryDirectory() as tmp:
         values.update(output_dir=tmp, max_train_steps=args.steps + 7, report_to="none")
+        if args.mixed_precision:
+            values["mixed_precision"] = args.mixed_precision
         run = prepare(load_config(None, values))
         run.unet.train()
+        if args.channels_last:
+            run.unet.to(memory_format=torch.channels_last)
         for step in range(2):
             step_parts(run, step)
         parts = [step_parts(run, step) for step in range(2, 2 + args.steps)]
