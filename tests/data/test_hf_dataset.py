@@ -46,6 +46,11 @@ def test_a_saved_dataset_with_embedded_images(tiny_model, tmp_path):
     assert means[1] > 240 and means[2] < 10
     batch = run.batches(0, torch.Generator().manual_seed(0))
     assert torch.isfinite(batch.latents).all()
+    cached = dict(instance_prompt="a photo of sks dog", dataset_name=str(tmp_path / "saved"), image_column="picture",
+                  center_crop=True, cache_latents_to_disk=True, disk_cache_dir=str(tmp_path / "cache"))
+    counts = [(r.batches.cache.store.read, r.batches.cache.store.built)  # entries named by the embedded bytes
+              for r in (prepare(overrides(tiny_model, "", tmp_path / f"c{i}", **cached)) for i in range(2))]
+    assert counts == [(0, 3), (3, 0)]
 
 
 def test_bad_dataset_arguments_name_the_flag(tmp_path):
