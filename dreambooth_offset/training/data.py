@@ -154,16 +154,19 @@ def draw_examples(
     generator: torch.Generator,
 ) -> list[Example]:
     """Crop offsets and flips for the chosen images, drawn from `generator` in a fixed order."""
-    examples = []
-    for i in indices:
-        shape = shape_of(images, i)
-        top, left = center_offsets(shape, resolution)
-        if not center_crop:
-            top = int(torch.randint(0, shape[1] - resolution + 1, (1,), generator=generator))
-            left = int(torch.randint(0, shape[2] - resolution + 1, (1,), generator=generator))
-        flip = bool(torch.rand((), generator=generator) < 0.5) if random_flip else False
-        examples.append(Example(source, i, top, left, flip))
-    return examples
+    return [Example(source, i, *draw_crop(shape_of(images, i), (resolution, resolution), center_crop, random_flip,
+                                          generator)) for i in indices]
+
+
+def draw_crop(shape: tuple[int, ...], size: tuple[int, int], center_crop: bool, random_flip: bool,
+              generator: torch.Generator) -> tuple[int, int, bool]:
+    """(top, left, flip) of a crop of `size` (height, width) from an image of (C, H, W) `shape`:
+    the centre, or random offsets drawn from `generator` (top, then left), then the flip."""
+    (h, w), top, left = size, (shape[1] - size[0]) // 2, (shape[2] - size[1]) // 2
+    if not center_crop:
+        top = int(torch.randint(0, shape[1] - h + 1, (1,), generator=generator))
+        left = int(torch.randint(0, shape[2] - w + 1, (1,), generator=generator))
+    return top, left, bool(torch.rand((), generator=generator) < 0.5) if random_flip else False
 
 
 def stack_pixels(examples: list[Example], sets: dict[str, list[Tensor]], resolution: int) -> Tensor:
@@ -191,11 +194,7 @@ def draw_bucket_examples(source: str, images: list[Tensor], indices: list[int], 
     examples = []
     for i in indices:
         shape = shape_of(images, i)
-        h, w = crop_size(tuple(shape[1:]), bucket)
-        top, left = (shape[1] - h) // 2, (shape[2] - w) // 2
-        if not center_crop:
-            top = int(torch.randint(0, shape[1] - h + 1, (1,), generator=generator))
-            left = int(torch.randint(0, shape[2] - w + 1, (1,), generator=generator))
-        flip = bool(torch.rand((), generator=generator) < 0.5) if random_flip else False
-        examples.append(Example(source, i, top, left, flip, (h, w), (bucket[1], bucket[0])))
+        size = crop_size(tuple(shape[1:]), bucket)
+        examples.append(Example(source, i, *draw_crop(shape, size, center_crop, random_flip, generator), size,
+                                (bucket[1], bucket[0])))
     return examples
