@@ -105,14 +105,14 @@ def load_pipeline(model_cfg, lora: str | None = None, lora_scale: float = 1.0, z
     parts = load_parts(model_cfg, zero_terminal_snr, prediction_type)
     pipe = build_pipeline(parts)
     if lora:
-        from dreambooth_offset.webui import convert
+        from dreambooth_offset.webui import lora_file
         from dreambooth_offset.webui.fit import check_fits, module_shapes
 
         path = Path(lora)
         if not path.exists():
             raise UsageError(f"--lora {lora}: no such file or folder")
-        file = convert.resolve(path)
-        _, modules, _ = convert.read_modules(file)  # refuses pickles and damaged files unopened by diffusers
+        file = lora_file.resolve(path)
+        _, modules, _ = lora_file.read_modules(file)  # refuses pickles and damaged files unopened by diffusers
         shapes = module_shapes(unet=parts.unet, **dict(zip(("text_encoder", "text_encoder_2"), parts.text_encoders)))
         check_fits(modules, shapes, f"--lora {lora}", str(model_cfg.pretrained_model_name_or_path))
         try:

@@ -24,7 +24,7 @@ def load_network_weights(source: str, cfg: AdapterConfig, models: dict[str, torc
     same shapes, else the first one that does not is named; the file's alpha is kept by scaling its
     up matrix to this run's alpha / rank; a DoRA file's magnitudes go into a --use_dora run. Run
     modules the file lacks keep their initialisation."""
-    from dreambooth_offset.webui.convert import read_modules
+    from dreambooth_offset.webui.lora_file import read_modules
 
     _, modules, _ = read_modules(source)
     targets = {component: lora_modules(model, component) for component, model in models.items()}

@@ -16,7 +16,7 @@ from dreambooth_offset.config.run import CONFIG_NAME
 from dreambooth_offset.config.commands import ExportConfig, ImportConfig, InspectConfig
 from dreambooth_offset.data.summary import read_record
 from dreambooth_offset.errors import UsageError
-from dreambooth_offset.webui import convert
+from dreambooth_offset.webui import convert, lora_file
 from dreambooth_offset.webui.keys import BASES
 from dreambooth_offset.webui.loaders import a1111_sd_version, key_map_report
 from dreambooth_offset.webui.metadata import file_sshs_hash, training_metadata, write_webui_file
@@ -101,15 +101,15 @@ def _auto_record(folder: Path) -> dict[str, object]:
 
 def run_export(cfg) -> int:
     source = cfg.file.source
-    tensors, header = convert.read_lora_file(source)
-    if convert.detect_format(tensors, source) != "diffusers":
+    tensors, header = lora_file.read_lora_file(source)
+    if lora_file.detect_format(tensors, source) != "diffusers":
         raise UsageError(f"{source}: already a WebUI (kohya) LoRA; see `dreambooth-offset inspect`")
-    adapter_meta = convert.adapter_metadata(header)
+    adapter_meta = lora_file.adapter_metadata(header)
     if not adapter_meta and cfg.adapter.lora_alpha is None:
         print(f"warning: {source} does not say its lora_alpha; assuming alpha = rank (scale 1). "
               "Pass --lora_alpha if training used another value.", file=sys.stderr)
     modules = convert.modules_from_diffusers(tensors, adapter_meta, cfg.adapter.lora_alpha, source)
-    beside = convert.resolve(source).parent
+    beside = lora_file.resolve(source).parent
     kept, run = _read_sidecar(beside / SIDECAR), _training_run(beside)
     base = _known_base(cfg.file.base, kept, modules, source)
     if base == "sd_v2" and not cfg.file.base and run is not None and run.loss.prediction_type == "v_prediction":
@@ -137,7 +137,7 @@ def run_export(cfg) -> int:
 
 def run_import(cfg) -> int:
     source, output = cfg.file.source, cfg.file.output
-    fmt, modules, metadata = convert.read_modules(source)
+    fmt, modules, metadata = lora_file.read_modules(source)
     if fmt != "kohya":
         raise UsageError(f"{source}: not a WebUI (kohya) LoRA; diffusers files load as they are")
     base = _base(cfg.file.base, metadata, modules)
@@ -152,18 +152,18 @@ def run_import(cfg) -> int:
 
 def run_inspect(cfg) -> int:
     source = cfg.file.source
-    fmt, modules, metadata = convert.read_modules(source)
+    fmt, modules, metadata = lora_file.read_modules(source)
     base = _base(cfg.file.base, metadata, modules)
     rank, alpha = _summary(modules)
     print(f"{source}\n  format: {fmt}\n  base: {base or 'unknown'} (A1111 files it under "
           f"{a1111_sd_version(metadata)})\n  modules: {len(modules)} ({_counts(modules)}), "
           f"rank {rank}, alpha {alpha:g} (scale {alpha / rank:g})")
     if fmt == "kohya":
-        tensors, _ = convert.read_lora_file(source)
+        tensors, _ = lora_file.read_lora_file(source)
         _print_key_maps(tensors, base)
         print(f"  diffusers load_lora_weights: {convert.diffusers_accepts(tensors)}")
         if "sshs_model_hash" in metadata:
-            ok = metadata["sshs_model_hash"] == file_sshs_hash(convert.resolve(source))
+            ok = metadata["sshs_model_hash"] == file_sshs_hash(lora_file.resolve(source))
             verdict = "matches the weights" if ok else "DOES NOT match the weights"
             print(f"  sshs_model_hash: {metadata['sshs_model_hash'][:12]} ({verdict})")
     else:

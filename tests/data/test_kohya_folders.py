@@ -80,7 +80,7 @@ def test_train_and_reg_folders_feed_the_batches(tiny_model, tmp_path):
 def test_the_webui_file_carries_kohyas_dataset_keys_and_export_writes_the_same(sd1_model, tmp_path):
     import json
 
-    from dreambooth_offset.webui.convert import read_lora_file
+    from dreambooth_offset.webui.lora_file import read_lora_file
 
     train = concepts(tmp_path / "train", {"2_sks dog": [(200, 0, 0), (150, 0, 0)]})
     (train / "2_sks dog" / "img1.txt").write_text("sks dog, Grass ")

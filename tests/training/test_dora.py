@@ -12,7 +12,7 @@ from dreambooth_offset.cli import main
 from dreambooth_offset.errors import UsageError
 from dreambooth_offset.training.network_weights import load_network_weights
 from dreambooth_offset.training.train import train
-from dreambooth_offset.webui import convert
+from dreambooth_offset.webui import convert, lora_file
 from dreambooth_offset.webui.loaders import key_map_report
 from tests.tiny import overrides
 
@@ -72,7 +72,7 @@ def test_dora_trains_magnitudes_and_the_diffusers_file_reproduces_the_models(dor
 
 def test_the_webui_file_is_lycoris_output_axis_dora_of_the_trained_weights(dora_run):
     result, out = dora_run
-    tensors, header = convert.read_lora_file(out / "sks.safetensors")
+    tensors, header = lora_file.read_lora_file(out / "sks.safetensors")
     assert header["ss_network_args"] == '{"dora_wd": "True", "wd_on_out": "True"}'
     modules = convert.modules_from_kohya(tensors, "sks")
     for path, layer in lora_layers(result.unet).items():
@@ -107,12 +107,12 @@ def test_export_then_import_is_bit_exact_and_loads_the_trained_model(dora_run, s
 
 def test_an_input_axis_dora_file_and_a_dora_mismatch_are_refused(dora_run, tmp_path):
     result, out = dora_run
-    tensors, _ = convert.read_lora_file(out / "sks.safetensors")
+    tensors, _ = lora_file.read_lora_file(out / "sks.safetensors")
     name = next(k for k in tensors if k.endswith("attn1_to_q.dora_scale"))
     width = tensors[name.replace("dora_scale", "lora_down.weight")].shape[1]
     save_file({**tensors, name: torch.ones(1, width)}, tmp_path / "input_axis.safetensors")
     with pytest.raises(UsageError, match="input-axis"):
-        convert.read_modules(tmp_path / "input_axis.safetensors")
+        lora_file.read_modules(tmp_path / "input_axis.safetensors")
 
     plain = copy.deepcopy(result.unet)
     plain.delete_adapters("default")

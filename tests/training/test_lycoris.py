@@ -7,7 +7,8 @@ import torch
 
 from dreambooth_offset.errors import UsageError
 from dreambooth_offset.training.train import train
-from dreambooth_offset.webui.convert import kohya_name, read_lora_file
+from dreambooth_offset.webui.convert import kohya_name
+from dreambooth_offset.webui.lora_file import read_lora_file
 from tests.tiny import assert_resume_is_bit_exact, overrides
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1"]

@@ -31,7 +31,7 @@ def test_sdxl_lora_loads_in_diffusers_and_only_adapters_move(tiny_sdxl, instance
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from dreambooth_offset.webui.convert import read_lora_file
+    from dreambooth_offset.webui.lora_file import read_lora_file
     from dreambooth_offset.webui.loaders import key_map_report
 
     result = train(overrides(tiny_sdxl, instance_dir, tmp_path / "out", train_text_encoder=True, random_flip=True,

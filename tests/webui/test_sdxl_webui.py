@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from dreambooth_offset.cli import main
 from dreambooth_offset.training.lora import LORA_WEIGHT_NAME
-from dreambooth_offset.webui import convert as webui_convert, keys as webui_keys, loaders as webui_loaders, metadata as webui
+from dreambooth_offset.webui import convert as webui_convert, lora_file as webui_file, keys as webui_keys, loaders as webui_loaders, metadata as webui
 from tests.webui.test_webui import RANK, TEXT_ALPHA, TEXT_TARGETS, UNET_ALPHA
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "conv_shortcut", "time_emb_proj",
@@ -105,7 +105,7 @@ def test_sdxl_export_loads_in_diffusers_with_the_trained_outputs_and_imports_bac
     again = tmp_path / "again.safetensors"
     assert main(["export", str(back), "-o", str(again)]) == 0
     assert webui.file_sshs_hash(again) == webui.file_sshs_hash(out)
-    header = webui_convert.read_lora_file(again)[1]
+    header = webui_file.read_lora_file(again)[1]
     assert header["ss_base_model_version"] == "sdxl_base_v1-0" and header["ss_v2"] == "False"
     assert header["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     assert webui_loaders.a1111_sd_version(header) == "SDXL"

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dreambooth_offset.training.lora import LORA_WEIGHT_NAME
-from dreambooth_offset.webui import convert as webui_convert, keys as webui_keys, loaders as webui_loaders, metadata as webui
+from dreambooth_offset.webui import convert as webui_convert, lora_file as webui_file, keys as webui_keys, loaders as webui_loaders, metadata as webui
 from dreambooth_offset.cli import main
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "conv_shortcut", "conv_out",
@@ -51,8 +51,8 @@ def outputs(pipe):
 
 
 def modules_of(source):
-    tensors, header = webui_convert.read_lora_file(source)
-    return webui_convert.modules_from_diffusers(tensors, webui_convert.adapter_metadata(header), None, source)
+    tensors, header = webui_file.read_lora_file(source)
+    return webui_convert.modules_from_diffusers(tensors, webui_file.adapter_metadata(header), None, source)
 
 
 def test_export_loads_in_diffusers_with_the_trained_outputs_and_imports_back(trained, tiny_model, tmp_path, peft_ok):
@@ -110,7 +110,7 @@ def test_save_webui_lora_writes_metadata_and_the_a1111_hash(trained, tmp_path):
                                    settings={"noise_offset": 0.1})
     path = tmp_path / "sks.safetensors"
     sshs = webui.save_webui_lora(path, unet_state, None, lora_alpha=UNET_ALPHA, rank=RANK, metadata=meta)
-    tensors, header = webui_convert.read_lora_file(path)
+    tensors, header = webui_file.read_lora_file(path)
     assert sshs == header["sshs_model_hash"] == webui.file_sshs_hash(path)
     assert header["ss_noise_offset"] == "0.1" and header["ss_network_alpha"] == "8.0"
     assert header["modelspec.architecture"] == "stable-diffusion-v1/lora"
@@ -142,7 +142,7 @@ def test_old_ldm_named_files_import_under_diffusers_names(tmp_path):
     save_file({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": down,
                "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": up,
                "lora_unet_input_blocks_4_1_proj_in.alpha": torch.tensor(1.0)}, path)
-    modules = webui_convert.modules_from_kohya(webui_convert.read_lora_file(path)[0], path)
+    modules = webui_convert.modules_from_kohya(webui_file.read_lora_file(path)[0], path)
     assert list(modules) == ["unet.down_blocks.1.attentions.0.proj_in"]
     assert modules["unet.down_blocks.1.attentions.0.proj_in"].alpha == 1.0
 
