@@ -175,8 +175,9 @@ class SubjectOptions:
         None, "Images of your subject (required for a base other than the shipped one, whose default subject is "
         "a magenta plus sign it has never seen named).")
     instance_prompt: str = option("a sks object", "The subject's prompt, with its rare token.")
-    subject_hue: float = option(307.0, "Hue of the subject's main colour in degrees (HSV), for the fidelity figure; "
-                                       "the shipped subject's magenta is 307.")
+    subject_hue: float | None = option(
+        None, "Hue of your subject's main colour in degrees (HSV), for the colour fidelity figure. The shipped "
+        "subject is measured by its shape (the shipped VAE cannot make its magenta, hue 307).")
     prior_size: int = option(256, "Shipped base: prior preservation with N images of its own training data and "
                                   "their captions (0: none).")
     prior_dir: str | None = option(
@@ -185,7 +186,7 @@ class SubjectOptions:
     def __post_init__(self) -> None:
         if self.prior_size < 0:
             raise UsageError(f"--prior_size {self.prior_size}: must be 0 (off) or more")
-        if not 0.0 <= self.subject_hue < 360.0:
+        if self.subject_hue is not None and not 0.0 <= self.subject_hue < 360.0:
             raise UsageError(f"--subject_hue {self.subject_hue}: a hue in degrees, 0 <= hue < 360")
 
 

@@ -160,7 +160,7 @@ def run_subject(args: argparse.Namespace) -> int:
         train = {**prior_keys(Path(opts.prior_dir)), **train}
     exp = sj.SubjectConfig(model=model, output_dir=out, variants=offset_variants(study.noise_offset), seeds=study.seeds,
                            train=train, prompts=prompts, instance_dir=instance, instance_prompt=opts.instance_prompt,
-                           subject_hue=opts.subject_hue, num_images=study.num_images,
+                           subject_hue=opts.subject_hue, shape=not opts.instance_data_dir, num_images=study.num_images,
                            num_inference_steps=cfg.sampling.num_inference_steps,
                            guidance_scale=cfg.sampling.guidance_scale, sampler=study.sampler, jobs=study.jobs)
     results = sj.run_experiment(exp)

@@ -49,3 +49,32 @@ def colour_fraction(images: Tensor, hue: float, tolerance: float = 15.0, min_sat
     h, s, v = hue_saturation_value(images)
     distance = torch.minimum((h - hue) % 360.0, (hue - h) % 360.0)
     return ((distance <= tolerance) & (s >= min_saturation) & (v >= min_value)).float().mean(dim=(-2, -1))
+
+
+def contrast_map(images: Tensor) -> Tensor:
+    """Per pixel, the RGB distance from the image's median colour (its background, where one colour
+    covers most of it): (N, 3, H, W) -> (N, 1, H, W). Colour-blind and brightness-blind up to scale,
+    so a shape keeps its map when a scene darkens or brightens it."""
+    median = images.flatten(2).median(dim=2).values[..., None, None]
+    return (images - median).pow(2).sum(dim=1, keepdim=True).sqrt()
+
+
+def template_match(images: Tensor, templates: list[Tensor], min_variance: float = 1e-6) -> Tensor:
+    """Per image, the highest normalised cross-correlation (Pearson's r; 0 when none is positive)
+    between its contrast map and any of the odd-sided square `templates` at any position where the
+    template fits: (N, 3, H, W) -> (N,). A window flatter than `min_variance` per pixel scores 0. float64,
+    so the windowed variance (sum of squares minus squared sum) keeps its digits."""
+    import torch.nn.functional as F
+
+    f = contrast_map(images.double())
+    best = torch.zeros(images.shape[0], dtype=torch.float64)
+    for template in templates:
+        t = template.double() - template.double().mean()
+        k = t.shape[-1]
+        ones = torch.ones(1, 1, k, k, dtype=torch.float64)
+        total, squares = F.conv2d(f, ones), F.conv2d(f * f, ones)
+        variance = (squares - total * total / k**2).clamp(min=0)
+        r = F.conv2d(f, t[None, None]) / (variance.sqrt() * t.norm()).clamp(min=1e-300)
+        r = torch.where(variance > min_variance * k**2, r, torch.zeros_like(r))
+        best = torch.maximum(best, r.flatten(1).max(dim=1).values)
+    return best.float()

@@ -4,8 +4,15 @@ import json
 import torch
 
 from dreambooth_offset.cli import main
-from dreambooth_offset.experiments.subject import SUBJECT_HUE, SUBJECT_RGB, render_subject
-from dreambooth_offset.sampling.metrics import colour_fraction, hue_saturation_value
+from dreambooth_offset.experiments.subject import (
+    SHAPE_FOUND_AT,
+    SUBJECT_HUE,
+    SUBJECT_RGB,
+    render_subject,
+    shape_score,
+    through_vae,
+)
+from dreambooth_offset.sampling.metrics import colour_fraction, hue_saturation_value, template_match
 
 
 def test_hsv_matches_the_textbook_values():
@@ -28,6 +35,39 @@ def test_the_subject_colour_counts_whatever_its_brightness_and_nothing_else_does
         assert float(colour_fraction(torch.tensor(rgb).view(1, 3, 1, 1).expand(1, 3, 4, 4), SUBJECT_HUE)) == 0, name
 
 
+def test_template_match_finds_a_shape_wherever_and_however_bright_it_is():
+    plus = torch.zeros(9, 9)
+    plus[3:6, :] = plus[:, 3:6] = 1
+    image = torch.full((1, 3, 32, 32), 0.4)
+    image[0, :, 10:19, 5:14] = torch.where(plus.bool(), 0.9, 0.4)  # the plus, at one place
+    assert abs(float(template_match(image, [plus])) - 1.0) < 1e-6  # the exact shape: r = 1
+    assert abs(float(template_match(image * 0.1, [plus])) - 1.0) < 1e-6  # darkened: the same
+    square = torch.full((1, 3, 32, 32), 0.4)
+    square[0, :, 10:19, 5:14] = 0.9
+    assert float(template_match(square, [plus])) < 0.75  # a filled square is not a plus
+    assert float(template_match(torch.full((1, 3, 32, 32), 0.4), [plus])) == 0  # a flat image scores 0
+
+
+def test_the_shape_threshold_tells_the_subject_from_the_bases_own_images():
+    """SHAPE_FOUND_AT through the shipped VAE: measured (docs/dark-and-bright.md) on 1,000 base
+    images (99th percentile 0.625) and 200 subject images (lowest 0.651). Here fewer, so binomial
+    bounds: of 300 base images at most 3 % reach it (expected about 1 %: 3 in 300, sd 1.7), of 40
+    subject images at least 90 % do."""
+    from diffusers import AutoencoderKL
+
+    from dreambooth_offset.base_model.synthetic import render_one
+    from dreambooth_offset.experiments.shipped import SHIPPED_BASE
+
+    vae = AutoencoderKL.from_pretrained(SHIPPED_BASE / "vae")
+    g = torch.Generator().manual_seed(1)
+    base = torch.cat([through_vae(vae, torch.stack([render_one(64, g)[0] for _ in range(100)])) for _ in range(3)])
+    g = torch.Generator().manual_seed(2)
+    subject = through_vae(vae, torch.stack([render_subject(64, g) for _ in range(40)]))
+    assert float((shape_score(base) >= SHAPE_FOUND_AT).float().mean()) <= 0.03
+    assert float((shape_score(subject) >= SHAPE_FOUND_AT).float().mean()) >= 0.9
+    assert float(colour_fraction(subject, SUBJECT_HUE).max()) == 0  # why not the colour: the VAE loses the magenta
+
+
 def test_report_with_brightness_and_fidelity(tiny_model, instance_dir, tmp_path, capsys):
     out = tmp_path / "report"
     code = main(["experiment", "subject", "--pretrained_model_name_or_path", str(tiny_model),
@@ -35,7 +75,7 @@ def test_report_with_brightness_and_fidelity(tiny_model, instance_dir, tmp_path,
                  "--subject_hue", "20", "--output_dir", str(out), "--num_images", "2", "--num_inference_steps", "2",
                  "--max_train_steps", "2", "--optimizer", "adamw"])
     printed = capsys.readouterr().out
-    assert code == 0 and "subject" in printed and "| prompt | base | noise_offset=0 | noise_offset=0.1 |" in printed
+    assert code == 0 and "; colour " in printed and "| prompt | base | noise_offset=0 | noise_offset=0.1 |" in printed
     results = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in results["runs"]] == ["base", "noise_offset=0", "noise_offset=0.1"]
     prompts = ["a photo of sks dog", "a photo of sks dog at night in a very dark room",
@@ -45,7 +85,8 @@ def test_report_with_brightness_and_fidelity(tiny_model, instance_dir, tmp_path,
         for stats in run["prompts"].values():
             assert stats["subject_present"] in (0.0, 0.5, 1.0)  # a share of the 2 samples
             assert stats["subject_area"] <= stats["subject_present"] or stats["subject_area"] < 0.03
-    assert 0 < results["instance_subject_area"] < 1  # the reddish instance images, hue 20
+    assert 0 < results["instance"]["subject_area"] < 1  # the reddish instance images, hue 20
+    assert "subject_shape" not in results["instance"]  # your own subject: no plus sign to look for
     assert (out / "report.md").is_file() and (out / "grid-2.png").is_file()
 
 
