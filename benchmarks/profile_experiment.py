@@ -12,10 +12,11 @@ code (training/prepare.py, training/step.py):
   offset run's LoRA;
 - prints the ten operators with the most self CPU time of 5 training steps and of one sampling.
 
-    python benchmarks/profile_experiment.py DIR [--steps 20] [--mixed_precision bf16] [--channels_last]
+    python benchmarks/profile_experiment.py DIR [--steps 20] [--mixed_precision bf16] [--channels_last] [--torch_compile]
 
-`--mixed_precision` and `--channels_last` (the UNet's memory format) are levers to measure: the
-training step is timed with them; sampling stays as the experiment runs it.
+`--mixed_precision`, `--channels_last` (the UNet's memory format) and `--torch_compile` (the
+trainer's flag, inductor backend) are levers to measure: the training step is timed with them, and
+the two warm-up steps (which hold the compilation) apart; sampling stays as the experiment runs it.
 """
 from __future__ import annotations
 
@@ -68,21 +69,26 @@ def main() -> None:
     parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
                         help="default: the run's own")
     parser.add_argument("--channels_last", action="store_true")
+    parser.add_argument("--torch_compile", action="store_true")
     args = parser.parse_args()
     run_dir = args.report / "runs" / "noise_offset=0.1-seed0"
     values = json.loads((run_dir / "training_config.json").read_text())
     print(f"{torch.get_num_threads()} threads; the offset run's settings from {run_dir}; mixed precision "
-          f"{args.mixed_precision or values.get('mixed_precision')}, channels_last {args.channels_last}")
+          f"{args.mixed_precision or values.get('mixed_precision')}, channels_last {args.channels_last}, "
+          f"torch_compile {args.torch_compile}")
     with tempfile.TemporaryDirectory() as tmp:
         values.update(output_dir=tmp, max_train_steps=args.steps + 7, report_to="none")
         if args.mixed_precision:
             values["mixed_precision"] = args.mixed_precision
+        values["torch_compile"] = args.torch_compile
         run = prepare(load_config(None, values))
         run.unet.train()
         if args.channels_last:
             run.unet.to(memory_format=torch.channels_last)
+        start = time.perf_counter()
         for step in range(2):
             step_parts(run, step)
+        print(f"warm-up, 2 steps: {time.perf_counter() - start:.1f} s")
         parts = [step_parts(run, step) for step in range(2, 2 + args.steps)]
         total = [sum(p.values()) for p in parts]
         print(f"\ntraining step (batch {values['train_batch_size']} instance + class rows, {values['resolution']} px): "

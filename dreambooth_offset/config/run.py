@@ -56,7 +56,7 @@ RESUME_MAY_CHANGE = (
     "max_train_steps", "resume_from_checkpoint", "checkpointing_steps", "checkpoints_total_limit", "output_dir",
     "output_name", "report_to", "validation_prompt", "num_validation_images", "validation_steps",
     "num_inference_steps", "guidance_scale", "guidance_rescale", "gradient_checkpointing", "sample_batch_size",
-    "validate_every_n_steps", "disk_cache_dir",
+    "validate_every_n_steps", "disk_cache_dir", "torch_compile", "dynamo_backend",
 )
 
 

@@ -151,6 +151,11 @@ class TrainConfig:
     gradient_accumulation_steps: int = option(1, "Batches accumulated per optimizer step.")
     mixed_precision: str = option("no", "Precision of the frozen weights and autocast.", ("no", "fp16", "bf16"))
     gradient_checkpointing: bool = option(False, "Trade compute for memory in the UNet (and text encoder).")
+    torch_compile: bool = option(
+        False, "Compile the UNet with torch.compile (kohya's --torch_compile); the first step pays for the "
+        "compilation, and the run prints how long it took.")
+    dynamo_backend: str = option("inductor", "torch.compile's backend for --torch_compile (eager, aot_eager: "
+                                             "for debugging).", ("inductor", "aot_eager", "eager"))
     checkpointing_steps: int = option(0, "Save a resumable checkpoint every N steps; 0 = never.")
     checkpoints_total_limit: int | None = option(None, "Keep at most this many checkpoints (oldest go first).")
     resume_from_checkpoint: str | None = option(None, "'latest' or a checkpoint folder to resume from.")

@@ -193,6 +193,8 @@ def make_trainable(cfg: RunConfig, parts: SDParts, accelerator):
         unet.enable_gradient_checkpointing()
         for encoder in trained[1:]:
             encoder.gradient_checkpointing_enable()
+    if cfg.train.torch_compile:  # in place: the module, its state dict and peft's view of it stay the same
+        unet.compile(backend=cfg.train.dynamo_backend)
     params = trainable_parameters(*trained)
     optimizer = make_optimizer(param_groups(trained, cfg.optim), cfg.optim)
     lr_scheduler = make_lr_scheduler(optimizer, cfg.optim, cfg.train, accelerator.num_processes)

@@ -48,7 +48,7 @@ def train(cfg: RunConfig, progress_bar: dict | None = None) -> TrainResult:
         total_steps = run.config.train.max_train_steps
         bar = tqdm(range(run.first_step, total_steps), initial=run.first_step, total=total_steps,
                    **{"desc": "train", **(progress_bar or {})}, disable=not run.accelerator.is_local_main_process)
-        first_done = None
+        first_done, loop_start = None, time.perf_counter()
         for model in run.trained:
             model.train()  # LoRA dropout on; frozen modules have no dropout/batch-norm of their own
         for step in bar:
@@ -67,7 +67,7 @@ def train(cfg: RunConfig, progress_bar: dict | None = None) -> TrainResult:
                 validate(run, done)
             if run.held_out is not None and (every(validation_loss_steps(run.config), done) or done == total_steps):
                 log_validation_loss(run, done)
-        return finish(run, first_done, time.perf_counter())
+        return finish(run, loop_start, first_done, time.perf_counter())
 
 
 def every(interval: int, done: int) -> bool:
@@ -146,8 +146,9 @@ def log_validation_loss(run: Run, step: int) -> None:
         tqdm.write(f"step {step} validation loss ({run.held_out.latents.shape[0]} held-out rows): {value:.5f}")
 
 
-def finish(run: Run, first_done: float | None, loop_end: float) -> TrainResult:
-    """Write the final LoRA files (main process), close the trackers, report."""
+def finish(run: Run, loop_start: float, first_done: float | None, loop_end: float) -> TrainResult:
+    """Write the final LoRA files (main process), close the trackers, report (the first step apart:
+    it holds the warm-up, and torch.compile's compilation under --torch_compile)."""
     accelerator, cfg, out = run.accelerator, run.config, run.output_dir
     accelerator.wait_for_everyone()
     lora_path = out / weight_name(cfg.adapter.network_type)
@@ -163,6 +164,9 @@ def finish(run: Run, first_done: float | None, loop_end: float) -> TrainResult:
     result = TrainResult(steps, time.time() - run.started, lora_path, accelerator.unwrap_model(run.unet),
                          tuple(accelerator.unwrap_model(t) for t in run.encoders), run.parts, rate, cfg)
     logs = f"; logs: {out / 'logs'}" if cfg.train.report_to != "none" else ""
-    accelerator.print(f"trained {result.steps} steps in {result.seconds:.1f} s; LoRA: {result.lora_path}; "
-                      f"config: {out / CONFIG_NAME}{logs}")
+    compiled = " with torch.compile's compilation" if cfg.train.torch_compile else ""
+    then = f", then {rate:.2f} steps/s" if steps > 1 else ""
+    first = f" (first step {(first_done or loop_end) - loop_start:.1f} s{compiled}{then})" if steps else ""
+    accelerator.print(f"trained {result.steps} steps in {result.seconds:.1f} s{first}; "
+                      f"LoRA: {result.lora_path}; config: {out / CONFIG_NAME}{logs}")
     return result

@@ -149,3 +149,17 @@ def test_report_to_wandb_without_wandb_is_one_line(tiny_model, instance_dir, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs the wandb package" in err[0]
     assert not json.dumps(err).count("Traceback")
+
+
+def test_torch_compile_trains_the_same_lora_and_reports_the_first_step(tiny_model, instance_dir, tmp_path, capsys):
+    """--torch_compile compiles the UNet in place (its state dict and peft's adapters stay where they
+    were); with the eager backend dynamo runs the same ATen ops as no compile, so the LoRA is the
+    same bit for bit. Inductor generates other kernels (and needs a C++ compiler): not run here."""
+    common = {"optimizer": "adamw", "max_train_steps": 3}
+    assert main(flags(tiny_model, instance_dir, tmp_path / "plain", **common)) == 0
+    assert main(flags(tiny_model, instance_dir, tmp_path / "compiled", **common, torch_compile=True,
+                      dynamo_backend="eager")) == 0
+    printed = capsys.readouterr().out
+    assert "with torch.compile's compilation, then" in printed and "(first step" in printed
+    a, b = load_file(tmp_path / "plain" / LORA_WEIGHT_NAME), load_file(tmp_path / "compiled" / LORA_WEIGHT_NAME)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
