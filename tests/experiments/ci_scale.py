@@ -1,0 +1,59 @@
+"""The CI-scale configurations of the brightness-range and subject regression tests, shared by the
+tests and by the script that measured their bounds over training seeds (`python -m
+tests.experiments.ci_scale OUT_DIR`, which prints each seed's figures)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from dreambooth_offset.experiments.runs import offset_variants
+from dreambooth_offset.experiments.shipped import SHIPPED_BASE, SHIPPED_PRIOR_SIZE, SHIPPED_SAMPLING, SHIPPED_TRAIN
+
+STEPS = 200  # a third of the default's 600: the learning rate still decays linearly to 0 over the run
+# Two of each experiment's prompts (sampling is about a third of a run's time); the brightness
+# range still trains on the default's 40 images (which leave out all five of its prompts).
+RANGE_PROMPTS = ("a very bright landscape with a blue sky and green ground and a sun",
+                 "a red circle on a blue background")
+
+
+
+def brightness_range(out: Path, seeds: tuple[int, ...] = (0,)):
+    from dreambooth_offset.experiments import brightness_range as br
+
+    data = br.write_training_set(out / "data" / "train", br.RangeConfig.num_train_images, br.SHIPPED_PROMPTS)
+    cfg = br.RangeConfig(model=str(SHIPPED_BASE), output_dir=out, variants=offset_variants((0.0, 0.1)), seeds=seeds,
+                         train={**SHIPPED_TRAIN, "max_train_steps": STEPS}, prompts=RANGE_PROMPTS,
+                         train_data_dir=str(data), **SHIPPED_SAMPLING)
+    return br.run_experiment(cfg)
+
+
+def subject(out: Path, seeds: tuple[int, ...] = (0,)):
+    from dreambooth_offset.config.recipe import shipped_recipe
+    from dreambooth_offset.experiments import subject as sj
+    from dreambooth_offset.experiments.black_image import prior_keys
+    from dreambooth_offset.experiments.shipped import write_shipped_prior
+
+    prior = prior_keys(write_shipped_prior(out / "data" / "prior", SHIPPED_PRIOR_SIZE, list(sj.SHIPPED_PROMPTS)))
+    instance = sj.write_subject_images(out / "data" / "subject", sj.NUM_SUBJECT_IMAGES, shipped_recipe().resolution)
+    cfg = sj.SubjectConfig(model=str(SHIPPED_BASE), output_dir=out, variants=offset_variants((0.0, 0.1)), seeds=seeds,
+                           train={**prior, **SHIPPED_TRAIN, "max_train_steps": STEPS},
+                           prompts=(sj.SHIPPED_PROMPTS[0], sj.SHIPPED_PROMPTS[2]),
+                           instance_dir=instance, shape=True, **SHIPPED_SAMPLING)
+    return sj.run_experiment(cfg)
+
+
+def by_seed(results: dict) -> dict:
+    """{seed: {run name: {prompt: stats}}} of the fine-tunes, and the base under seed None."""
+    out: dict = {}
+    for row in results["runs"]:
+        out.setdefault(row["seed"], {})[row["name"]] = row["prompts"]
+    return out
+
+
+if __name__ == "__main__":
+    root = Path(sys.argv[1])
+    for name, run in (("brightness-range", brightness_range), ("subject", subject)):
+        results = run(root / name, (0, 1, 2))
+        print(name, results["wall_time_s"], "s")
+        print(json.dumps(by_seed(results), indent=1))
