@@ -17,7 +17,6 @@ RANGE_PROMPTS = ("a very bright landscape with a blue sky and green ground and a
                  "a red circle on a blue background")
 
 
-
 def brightness_range(out: Path, seeds: tuple[int, ...] = (0,)):
     from dreambooth_offset.experiments import brightness_range as br
 
