@@ -62,19 +62,22 @@ def contrast_map(images: Tensor) -> Tensor:
 def template_match(images: Tensor, templates: list[Tensor], min_variance: float = 1e-6) -> Tensor:
     """Per image, the highest normalised cross-correlation (Pearson's r; 0 when none is positive)
     between its contrast map and any of the odd-sided square `templates` at any position where the
-    template fits: (N, 3, H, W) -> (N,). A window flatter than `min_variance` per pixel scores 0. float64,
-    so the windowed variance (sum of squares minus squared sum) keeps its digits."""
+    template fits: (N, 3, H, W) -> (N,). A window flatter than `min_variance` per pixel scores 0.
+    The windowed variance is a sum of squares minus a squared sum; the map is centred on its own
+    mean first (r does not change), so both terms scale with the image's variance and float32 loses
+    digits only in windows far flatter than the image, which are the ones that score about 0."""
     import torch.nn.functional as F
 
-    f = contrast_map(images.double())
-    best = torch.zeros(images.shape[0], dtype=torch.float64)
+    f = contrast_map(images.float())
+    f = f - f.mean(dim=(2, 3), keepdim=True)
+    best = torch.zeros(images.shape[0])
     for template in templates:
-        t = template.double() - template.double().mean()
+        t = template.float() - template.float().mean()
         k = t.shape[-1]
-        ones = torch.ones(1, 1, k, k, dtype=torch.float64)
+        ones = torch.ones(1, 1, k, k)
         total, squares = F.conv2d(f, ones), F.conv2d(f * f, ones)
         variance = (squares - total * total / k**2).clamp(min=0)
-        r = F.conv2d(f, t[None, None]) / (variance.sqrt() * t.norm()).clamp(min=1e-300)
+        r = F.conv2d(f, t[None, None]) / (variance.sqrt() * t.norm()).clamp(min=1e-30)
         r = torch.where(variance > min_variance * k**2, r, torch.zeros_like(r))
         best = torch.maximum(best, r.flatten(1).max(dim=1).values)
-    return best.float()
+    return best
