@@ -131,10 +131,9 @@ def fidelity(images: Tensor, hue: float | None, shape: bool) -> dict:
 def through_vae(vae, images: Tensor) -> Tensor:
     """Images in [0, 1] after the VAE's round trip (the posterior's mean): the best a sample of this
     base can look."""
-    from dreambooth_offset.training.models import latent_distribution
+    from dreambooth_offset.training.models import decode_images, latent_distribution
 
-    mean, _ = latent_distribution(vae, images * 2 - 1)
-    return vae.decode(mean.to(vae.dtype)).sample.float().add(1).div(2).clamp(0, 1).cpu()
+    return decode_images(vae, latent_distribution(vae, images * 2 - 1)[0])
 
 
 def run_experiment(cfg: SubjectConfig) -> dict:

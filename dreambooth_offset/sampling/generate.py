@@ -9,7 +9,7 @@ from torch import Tensor
 
 from dreambooth_offset.errors import UsageError
 from dreambooth_offset.training.family import SDXL
-from dreambooth_offset.training.models import unscale_latents
+from dreambooth_offset.training.models import decode_images, unscale_latents
 
 
 def sampler_overrides(scheduler_config) -> dict[str, object]:
@@ -90,8 +90,7 @@ def generate(
             latents=chunk.to(pipe.device, pipe.unet.dtype),
             output_type="latent",
         ).images
-        decoded = vae.decode(unscale_latents(final, vae.config).to(vae.dtype)).sample
-        images.append((decoded.float().cpu() / 2 + 0.5).clamp(0, 1))
+        images.append(decode_images(vae, unscale_latents(final, vae.config)))
         finals.append(final.float().cpu())
     return Samples(torch.cat(images), latents, torch.cat(finals))
 

@@ -158,6 +158,12 @@ def unscale_latents(latents: Tensor, vae_config) -> Tensor:
     return latents / vae_config.scaling_factor + shift
 
 
+def decode_images(vae: torch.nn.Module, latents: Tensor) -> Tensor:
+    """Latents in the VAE's space (see `unscale_latents`) decoded to images in [0, 1], fp32 on the CPU."""
+    decoded = vae.decode(latents.to(device=vae.device, dtype=vae.dtype)).sample
+    return (decoded.float().cpu() / 2 + 0.5).clamp(0, 1)
+
+
 def native_resolution(unet_config, vae_config) -> int:
     """The image side a model was made for: the UNet's sample_size times the VAE's downsampling."""
     return unet_config.sample_size * 2 ** (len(vae_config.block_out_channels) - 1)
