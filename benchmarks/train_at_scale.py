@@ -36,14 +36,25 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # (MiB), peak GPU memory (MiB, 0 on a CPU).
 TRAINER = """
 import json, resource, sys, time, torch
+import dreambooth_offset.training.train as loop
 from dreambooth_offset.config import load_config
-from dreambooth_offset.training.train import train
+gpu = torch.cuda.is_available()
+setup = {}
+step = loop.optimizer_step
+def first_step_resets_the_peak(run, i):  # the steps' own peak, apart from loading and caching
+    if i == 0 and gpu:
+        setup["gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
+    return step(run, i)
+loop.optimizer_step = first_step_resets_the_peak
 start = time.perf_counter()
-result = train(load_config(None, json.loads(sys.argv[1])))
+result = loop.train(load_config(None, json.loads(sys.argv[1])))
 wall = time.perf_counter() - start
-gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
 print("RESULT", json.dumps({"step_s": 1 / result.steps_per_second, "wall_s": wall, "timed_steps": result.steps - 1,
-                            "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "gpu_mib": gpu}))
+                            "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                            "gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if gpu else 0.0,
+                            "gpu_reserved_mib": torch.cuda.max_memory_reserved() / 2**20 if gpu else 0.0,
+                            "setup_gpu_mib": setup.get("gpu_mib", 0.0)}))
 """
 
 BARE = """
@@ -56,7 +67,7 @@ from dreambooth_offset.training.optim import make_optimizer
 a = json.loads(sys.argv[1])
 start = time.perf_counter()
 device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = torch.float16 if device == "cuda" else torch.float32
+dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}[a["mixed_precision"]]
 unet = UNet2DConditionModel.from_pretrained(a["model"], subfolder="unet").to(device, dtype)
 unet.requires_grad_(False)
 add_adapters(unet, AdapterConfig(rank=a["rank"], unet_target_modules=tuple(a["targets"])))
@@ -94,15 +105,19 @@ for i in range(a["steps"]):
         torch.cuda.synchronize()
     times.append(time.perf_counter() - t0)
 wall = time.perf_counter() - start
-gpu = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else 0.0
+gpu = device == "cuda"
 timed = times[1:]
 print("RESULT", json.dumps({"step_s": statistics.fmean(timed), "wall_s": wall, "timed_steps": len(timed),
-                            "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "gpu_mib": gpu}))
+                            "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                            "gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if gpu else 0.0,
+                            "gpu_reserved_mib": torch.cuda.max_memory_reserved() / 2**20 if gpu else 0.0}))
 """
 
 
-def build_folder(arch: str, folder: Path) -> Path:
-    """A diffusers pipeline folder of `arch` from the shipped configs, random weights (seed 0)."""
+def build_folder(arch: str, folder: Path, gpu: bool) -> Path:
+    """A diffusers pipeline folder of `arch` from the shipped configs, random weights (seed 0).
+    With a GPU the weights are drawn there (seconds, not minutes, for SDXL's 3.5 B) and saved in
+    fp16, half the bytes every run then reads; the runs train in fp16 anyway."""
     if (folder / "model_index.json").is_file():
         return folder
     import torch
@@ -115,18 +130,23 @@ def build_folder(arch: str, folder: Path) -> Path:
     configs = CONFIGS / BASES[arch]
     torch.manual_seed(0)
     print(f"building a random-weight {arch} pipeline in {folder} (once) ...", flush=True)
-    parts = {"unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet")),
-             "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae")),
-             "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(configs / "text_encoder")),
-             "tokenizer": tokenizer(configs, "tokenizer"),
-             "scheduler": DDPMScheduler.from_pretrained(configs, subfolder="scheduler")}
+    with torch.device("cuda" if gpu else "cpu"):
+        parts = {"unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet")),
+                 "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae")),
+                 "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(configs / "text_encoder"))}
+        if arch == "sdxl":
+            parts["text_encoder_2"] = CLIPTextModelWithProjection(
+                CLIPTextConfig.from_pretrained(configs / "text_encoder_2"))
+    parts.update(tokenizer=tokenizer(configs, "tokenizer"),
+                 scheduler=DDPMScheduler.from_pretrained(configs, subfolder="scheduler"))
     if arch == "sdxl":
-        parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(configs / "text_encoder_2"))
         parts["tokenizer_2"] = tokenizer(configs, "tokenizer_2")
         pipe = StableDiffusionXLPipeline(**parts, add_watermarker=False)
     else:
         pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
+    if gpu:
+        pipe.to(torch.float16)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 
@@ -164,17 +184,29 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--optimizer", default="adamw8bit", choices=("adamw8bit", "adamw"))
     parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
+                        help="default: fp16 on a GPU, no on a CPU")
+    parser.add_argument("--build_only", action="store_true", help="build the model folder, then stop")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "dreambooth-offset" / "benchmarks")
     args = parser.parse_args()
     resolution = args.resolution or (1024 if args.arch == "sdxl" else 512)
     gpu = torch.cuda.is_available()
-    precision = "fp16" if gpu else "no"
-    model = build_folder(args.arch, args.cache / f"{args.arch}-random")
+    precision = args.mixed_precision or ("fp16" if gpu else "no")
+    model = args.cache / f"{args.arch}-random{'-fp16' if gpu else ''}"
+    if args.build_only:
+        build_folder(args.arch, model, gpu)
+        return
+    if not (model / "model_index.json").is_file():  # in a process of its own: a child inherits its parent's peak RSS
+        subprocess.run([sys.executable, __file__, "--build_only", "--arch", args.arch, "--cache", str(args.cache)],
+                       check=True)
     card = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"{args.arch} random weights, {resolution} px, batch 1, rank {args.rank}, {args.optimizer}, "
           f"mixed precision {precision}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; "
           f"{card}", flush=True)
-    rows = {}
+    bare, rows = None, {}
+    print("| run | s/step | start-up s | peak RSS MiB | peak GPU MiB (steps) | GPU reserved MiB | GPU MiB before "
+          "the steps | steps/s vs bare | memory vs bare |\n|---|---|---|---|---|---|---|---|---|", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         photos = write_photos(Path(tmp) / "photos", resolution)
         common = {"pretrained_model_name_or_path": str(model), "instance_data_dir": str(photos),
@@ -182,22 +214,27 @@ def main() -> None:
                   "max_train_steps": args.steps, "rank": args.rank, "unet_target_modules": TARGETS,
                   "optimizer": args.optimizer, "mixed_precision": precision, "report_to": "none",
                   "gradient_checkpointing": args.gradient_checkpointing}
-        rows["bare loop"] = child(BARE, {"model": str(model), "resolution": resolution, "steps": args.steps,
-                                         "rank": args.rank, "targets": TARGETS, "optimizer": args.optimizer,
-                                         "gradient_checkpointing": args.gradient_checkpointing})
-        rows["trainer"] = child(TRAINER, {**common, "output_dir": f"{tmp}/plain"})
-        rows["trainer, cached latents + text"] = child(TRAINER, {
-            **common, "output_dir": f"{tmp}/cached", "center_crop": True, "cache_latents": True,
-            "cache_text_encoder_outputs": True})
-    bare = rows["bare loop"]
-    print("| run | s/step | start-up s | peak RSS MiB | peak GPU MiB | steps/s vs bare | memory vs bare |\n"
-          "|---|---|---|---|---|---|---|")
-    for name, r in rows.items():
-        startup = r["wall_s"] - r["timed_steps"] * r["step_s"]
-        memory = r["gpu_mib"] / bare["gpu_mib"] if gpu else r["rss_mib"] / bare["rss_mib"]
-        print(f"| {name} | {r['step_s']:.2f} | {startup:.1f} | {r['rss_mib']:.0f} | {r['gpu_mib']:.0f} | "
-              f"{bare['step_s'] / r['step_s']:.3f} | {memory:.2f} |", flush=True)
-
+        runs = {"bare loop": (BARE, {"model": str(model), "resolution": resolution, "steps": args.steps,
+                                     "rank": args.rank, "targets": TARGETS, "optimizer": args.optimizer,
+                                     "mixed_precision": precision,
+                                     "gradient_checkpointing": args.gradient_checkpointing}),
+                "trainer": (TRAINER, {**common, "output_dir": f"{tmp}/plain"}),
+                "trainer, cached latents + text": (TRAINER, {
+                    **common, "output_dir": f"{tmp}/cached", "center_crop": True, "cache_latents": True,
+                    "cache_text_encoder_outputs": True})}
+        for name, (code, values) in runs.items():
+            r = rows[name] = child(code, values)
+            bare = bare or r
+            startup = r["wall_s"] - r["timed_steps"] * r["step_s"]
+            memory = r["gpu_mib"] / bare["gpu_mib"] if gpu else r["rss_mib"] / bare["rss_mib"]
+            print(f"| {name} | {r['step_s']:.3f} | {startup:.1f} | {r['rss_mib']:.0f} | {r['gpu_mib']:.0f} | "
+                  f"{r['gpu_reserved_mib']:.0f} | {r.get('setup_gpu_mib', 0.0):.0f} | "
+                  f"{bare['step_s'] / r['step_s']:.3f} | {memory:.2f} |", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"arch": args.arch, "resolution": resolution, "device": card,
+                                         "mixed_precision": precision, "optimizer": args.optimizer,
+                                         "gradient_checkpointing": args.gradient_checkpointing,
+                                         "steps": args.steps, "runs": rows}, indent=1))
 
 if __name__ == "__main__":
     main()

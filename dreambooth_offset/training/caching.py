@@ -40,6 +40,7 @@ class LatentCache:
 
     def __init__(self, vae, images: dict, resolution: int, masked: bool, folder: Path | None = None):
         self.vae, self.images, self.resolution, self.masked = vae, images, resolution, masked
+        self.device = vae.device  # where rows go: the VAE may be parked on the CPU once all are cached (offload.py)
         self.store = TensorCache(folder, ("mean", "std", "mask") if masked else ("mean", "std"))
         self.vae_id = None if folder is None else (module_digest(vae), str(vae.dtype))
         self.image_ids: dict[tuple[str, int], tuple[str, str]] = {}
@@ -56,7 +57,7 @@ class LatentCache:
                       e.top, e.left, e.flip, e.crop, e.target)
 
     def __call__(self, examples: list[Example]) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(mean, std, mask or None) of the rows, on the VAE's device; missing rows are encoded together."""
+        """(mean, std, mask or None) of the rows, on the training device; missing rows are encoded together."""
         keys = [self.key(e) for e in examples]
         entries = dict(zip(keys, (self.store.get(k) for k in keys)))
         missing = list(dict.fromkeys(k for k in keys if entries[k] is None))
@@ -66,8 +67,7 @@ class LatentCache:
             for i, k in enumerate(missing):
                 entries[k] = {name: t[i] for name, t in rows.items()}
                 self.store.put(k, entries[k])
-        device = self.vae.device
-        stacked = [torch.stack([entries[k][name] for k in keys]).to(device) for name in ("mean", "std")]
+        stacked = [torch.stack([entries[k][name] for k in keys]).to(self.device) for name in ("mean", "std")]
         mask = torch.stack([entries[k]["mask"] for k in keys]) if self.masked else None
         return stacked[0], stacked[1], mask
 

@@ -28,6 +28,7 @@ from dreambooth_offset.training.lora import add_adapters, trainable_parameters
 from dreambooth_offset.training.models import SDParts, load_parts, native_resolution, training_scheduler
 from dreambooth_offset.training.ema import load_ema, make_ema
 from dreambooth_offset.training.network_weights import load_network_weights
+from dreambooth_offset.training.offload import idle_modules, park
 from dreambooth_offset.training.optim import make_lr_scheduler, make_optimizer, param_groups
 from dreambooth_offset.training.validation_loss import HeldOut, held_out_set, split_held_out
 
@@ -79,6 +80,7 @@ class Run:
     ema: object | None = None  # --use_ema: diffusers' EMAModel over `params` (training/ema.py)
     held_out: HeldOut | None = None  # --validation_split: the fixed validation-loss inputs
     dataset: dict | None = None  # kohya's dataset metadata (data/summary.py), written as dataset.json
+    parked: tuple[torch.nn.Module, ...] = ()  # frozen parts no step calls, in CPU memory while training (offload.py)
 
     @property
     def output_dir(self) -> Path:
@@ -147,6 +149,8 @@ def prepare(cfg: RunConfig, resources: ExitStack | None = None) -> Run:
               auto, 0, started, make_ema(params, config.optim),
               None if held is None else held_out_set(held[0].rgb(), *held[1:3], parts, config), dataset)
     run.first_step = start_step(run, inputs.resume)
+    run.parked = idle_modules(parts, batches)
+    park(run.parked)  # on a CPU-only machine a no-op
     return run
 
 

@@ -19,6 +19,7 @@ from dreambooth_offset.noise.objective import Loss
 from dreambooth_offset.training import checkpoint
 from dreambooth_offset.training.ema import ema_weights, save_ema
 from dreambooth_offset.training.lora import weight_name
+from dreambooth_offset.training.offload import brought_back
 from dreambooth_offset.training.outputs import write_lora_files
 from dreambooth_offset.training.guards import StopRequest, stop_on_signal
 from dreambooth_offset.training.prepare import Run, prepare
@@ -122,7 +123,8 @@ def validate(run: Run, step: int) -> None:
     from dreambooth_offset.sampling.validation import run_validation
 
     if run.accelerator.is_main_process:
-        with ema_weights(run.ema, run.params):  # --use_ema: what the run will write is what it samples
+        # --use_ema: what the run will write is what it samples
+        with ema_weights(run.ema, run.params), brought_back(run.parked, run.accelerator.device):
             run_validation(run, step)
         for model in run.trained:
             model.train()
@@ -139,7 +141,7 @@ def log_validation_loss(run: Run, step: int) -> None:
 
     from dreambooth_offset.training.validation_loss import validation_loss
 
-    with ema_weights(run.ema, run.params):
+    with ema_weights(run.ema, run.params), brought_back(run.parked, run.accelerator.device):
         value = validation_loss(run, run.held_out)
     run.accelerator.log({"validation/loss": value}, step=step)
     if run.accelerator.is_main_process:
@@ -159,6 +161,8 @@ def finish(run: Run, loop_start: float, first_done: float | None, loop_end: floa
             with ema_weights(run.ema, run.params, keep=True):
                 lora_path = write_lora_files(out, run, cfg.train.max_train_steps, final=True)
     accelerator.end_training()
+    for module in run.parked:  # the caller may sample with the parts (experiments/runs.py)
+        module.to(accelerator.device)
     steps = cfg.train.max_train_steps - run.first_step
     rate = (steps - 1) / max(loop_end - (first_done or loop_end), 1e-9)
     result = TrainResult(steps, time.time() - run.started, lora_path, accelerator.unwrap_model(run.unet),

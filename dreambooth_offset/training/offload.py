@@ -1,0 +1,47 @@
+"""Frozen parts that no training step calls, kept in CPU memory while the steps run.
+
+With every latent cached before the first step (--cache_latents) the VAE has nothing left to
+encode; with fixed captions and frozen text encoders (--cache_text_encoder_outputs, or the
+one-time encoding of fixed captions) the encoders have nothing left to encode either. On a GPU
+they would still hold their weights there: about 0.4 GB for SD 1.5 in fp16, about 2 GB for SDXL
+(whose VAE stays in fp32); docs/performance.md, "On a GPU", has the measured effect. kohya's sd-scripts move them to the CPU in the same case.
+Sampling and the validation loss call them, so those bring them back for as long as they run.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+
+def idle_modules(parts, batches) -> tuple[torch.nn.Module, ...]:
+    """The frozen parts of `parts` (training/models.SDParts) that the steps of `batches`
+    (training/batches.BatchSource) never call: the VAE when every crop was encoded before the
+    first step, the text encoders when one conditioning serves every step (which BatchSource
+    computes only when every encoder is frozen and the captions fixed)."""
+    idle = []
+    if batches.cache is not None and batches.cfg.caches_latents:
+        idle.append(parts.vae)
+    if batches.embeddings is not None:
+        idle += parts.text_encoders
+    return tuple(idle)
+
+
+def park(modules: tuple[torch.nn.Module, ...]) -> None:
+    """Move `modules` to CPU memory and give the accelerator's cache the memory back."""
+    for module in modules:
+        module.to("cpu")
+    if modules and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@contextmanager
+def brought_back(modules: tuple[torch.nn.Module, ...], device: torch.device) -> Iterator[None]:
+    """`modules` on `device` while the block runs (sampling, the validation loss), parked again after."""
+    for module in modules:
+        module.to(device)
+    try:
+        yield
+    finally:
+        park(modules)
