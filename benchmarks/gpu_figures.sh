@@ -29,9 +29,9 @@ part() {  # part NAME SECONDS COMMAND...: run COMMAND under a time limit, its ou
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$log"
 "$python" - <<'EOF' 2>&1 | tee -a "$log"
-import importlib.metadata as m, torch
+import importlib.metadata as m, torch, datasets, diffusers
 print("torch", torch.__version__, "CUDA", torch.version.cuda, "|",
-      ", ".join(f"{p} {m.version(p)}" for p in ("diffusers", "transformers", "peft", "accelerate", "bitsandbytes")))
+      ", ".join(f"{p} {m.version(p)}" for p in ("diffusers", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "pyarrow")))
 EOF
 optimizer=adamw8bit
 if ! "$python" -c "import bitsandbytes as bnb, torch
