@@ -3,9 +3,10 @@
 With every latent cached before the first step (--cache_latents) the VAE has nothing left to
 encode; with fixed captions and frozen text encoders (--cache_text_encoder_outputs, or the
 one-time encoding of fixed captions) the encoders have nothing left to encode either. On a GPU
-they would still hold their weights there: about 0.4 GB for SD 1.5 in fp16, about 2 GB for SDXL
-(whose VAE stays in fp32); docs/performance.md, "On a GPU", has the measured effect. kohya's sd-scripts move them to the CPU in the same case.
-Sampling and the validation loss call them, so those bring them back for as long as they run.
+they would still hold their weights there: under fp16 about 0.6 GB for SD 1.5 and 2.0 GB for
+SDXL (both VAEs stay in fp32; docs/performance.md, "On a GPU"). kohya's sd-scripts move them
+to the CPU in the same case. Sampling and the validation loss call them, so those bring them back
+for as long as they run.
 """
 from __future__ import annotations
 
