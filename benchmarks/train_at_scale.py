@@ -8,13 +8,17 @@ machine:
 - **trainer**: the real `train` command (a few generated photos, rank 16, batch 1, LoRA on the
   attention projections, `--mixed_precision` fp16 on a GPU, none on a CPU), once as it comes and
   once with `--cache_latents --cache_text_encoder_outputs` (the VAE and text encoder then run
-  before the first step only);
+  before the first step only, and wait in CPU memory during the steps: training/offload.py; the
+  text encoder does in the first run too, its one caption being encoded once);
 - **bare**: UNet forward + backward + optimizer step on pre-made latents and context with the same
   LoRA, optimizer and precision: the limit.
 
-Prints per run: seconds per step after warm-up (mean of the timed steps, as the trainer reports), start-up (wall time
-to the end minus the timed steps), peak RSS, peak GPU memory on a GPU; and the trainer / bare
-ratios (goals: steps/s >= 0.95, memory <= 1.15).
+Prints per run, as each ends: seconds per step after warm-up (mean of the timed steps, as the
+trainer reports), start-up (wall time to the end minus the timed steps), peak RSS; on a GPU the
+peak memory of the steps (the trainer's counted from its first step, apart from loading and
+caching, whose peak is a column of its own) and the peak reserved; and the trainer / bare ratios
+(goals: steps/s >= 0.95, memory <= 1.15). `--json` keeps them. On a GPU the random weights are
+drawn there and saved in fp16.
 
     python benchmarks/train_at_scale.py --arch sd15 --resolution 512 --steps 5
     python benchmarks/train_at_scale.py --arch sdxl --resolution 1024 --gradient_checkpointing
@@ -33,7 +37,7 @@ BASES = {"sd15": "sd_v1", "sdxl": "sdxl"}
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 # Each child prints one line "RESULT {json}": seconds per timed step, wall seconds, peak RSS
-# (MiB), peak GPU memory (MiB, 0 on a CPU).
+# (MiB), peak GPU memory allocated and reserved (MiB, 0 on a CPU).
 TRAINER = """
 import json, resource, sys, time, torch
 import dreambooth_offset.training.train as loop
@@ -235,6 +239,7 @@ def main() -> None:
                                          "mixed_precision": precision, "optimizer": args.optimizer,
                                          "gradient_checkpointing": args.gradient_checkpointing,
                                          "steps": args.steps, "runs": rows}, indent=1))
+
 
 if __name__ == "__main__":
     main()
