@@ -120,7 +120,7 @@ print("RESULT", json.dumps({"step_s": statistics.fmean(timed), "wall_s": wall, "
 
 def build_folder(arch: str, folder: Path, gpu: bool) -> Path:
     """A diffusers pipeline folder of `arch` from the shipped configs, random weights (seed 0).
-    With a GPU the weights are drawn there (seconds, not minutes, for SDXL's 3.5 B) and saved in
+    With a GPU the weights are drawn there (the CPU takes minutes for SDXL's 3.5 B) and saved in
     fp16, half the bytes every run then reads; the runs train in fp16 anyway."""
     if (folder / "model_index.json").is_file():
         return folder
