@@ -41,9 +41,9 @@ o = bnb.optim.AdamW8bit([p]); p.grad = torch.ones_like(p); o.step(); torch.cuda.
   echo "bitsandbytes' AdamW8bit does not run here: the scale runs use --optimizer adamw" | tee -a "$log"
 fi
 scale="$python benchmarks/train_at_scale.py --gradient_checkpointing --optimizer $optimizer --cache $work/models"
-part sd15-512 ${SD15_LIMIT:-150} $scale --arch sd15 --steps 12 --json "$out/sd15-512.json"
-part sdxl-1024 ${SDXL_LIMIT:-210} $scale --arch sdxl --steps 8 --json "$out/sdxl-1024.json"
-part black-image-64x64-latents ${BLACK_LIMIT:-110} "$python" -m dreambooth_offset experiment black-image \
+part sd15-512 ${SD15_LIMIT:-160} $scale --arch sd15 --steps 12 --json "$out/sd15-512.json"
+part sdxl-1024 ${SDXL_LIMIT:-240} $scale --arch sdxl --steps 8 --json "$out/sdxl-1024.json"
+part black-image-64x64-latents ${BLACK_LIMIT:-120} "$python" -m dreambooth_offset experiment black-image \
   --resolution 128 --output_dir "$work/black-image"
 cp "$work/black-image/results.json" "$out/black-image-128px-results.json" 2>/dev/null
 cp "$work/black-image/grid-0.png" "$out/black-image-128px-grid.png" 2>/dev/null
