@@ -99,6 +99,13 @@ class BatchSource:
             print(cache.fill(every_crop(images, cfg.resolution, cfg.random_flip, buckets)))
         return cache
 
+    def idle_parts(self, parts) -> tuple[torch.nn.Module, ...]:
+        """The frozen parts of `parts` that no batch calls (training/offload.py parks them): the VAE
+        when every crop was encoded before the first step, the text encoders when one conditioning
+        serves every step (computed above only when every encoder is frozen and the captions fixed)."""
+        vae = (parts.vae,) if self.cache is not None and self.cfg.caches_latents else ()
+        return vae + (parts.text_encoders if self.embeddings is not None else ())
+
     def _bucket_batch(self, k: int) -> list[int]:
         """The instance slots of global batch `k` in bucket mode (one epoch's batch list kept)."""
         epoch, pos = divmod(k, self.batches_per_epoch)

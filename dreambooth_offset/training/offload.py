@@ -6,7 +6,8 @@ one-time encoding of fixed captions) the encoders have nothing left to encode ei
 they would still hold their weights there: under fp16 about 0.6 GB for SD 1.5 and 2.0 GB for
 SDXL (both VAEs stay in fp32; docs/performance.md, "On a GPU"). kohya's sd-scripts move them
 to the CPU in the same case. Sampling and the validation loss call them, so those bring them back
-for as long as they run.
+for as long as they run. Which parts are idle is the batch source's to say
+(training/batches.BatchSource.idle_parts).
 """
 from __future__ import annotations
 
@@ -14,19 +15,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-
-
-def idle_modules(parts, batches) -> tuple[torch.nn.Module, ...]:
-    """The frozen parts of `parts` (training/models.SDParts) that the steps of `batches`
-    (training/batches.BatchSource) never call: the VAE when every crop was encoded before the
-    first step, the text encoders when one conditioning serves every step (which BatchSource
-    computes only when every encoder is frozen and the captions fixed)."""
-    idle = []
-    if batches.cache is not None and batches.cfg.caches_latents:
-        idle.append(parts.vae)
-    if batches.embeddings is not None:
-        idle += parts.text_encoders
-    return tuple(idle)
 
 
 def park(modules: tuple[torch.nn.Module, ...]) -> None:
@@ -37,11 +25,15 @@ def park(modules: tuple[torch.nn.Module, ...]) -> None:
         torch.cuda.empty_cache()
 
 
+def unpark(modules: tuple[torch.nn.Module, ...], device: torch.device) -> None:
+    for module in modules:
+        module.to(device)
+
+
 @contextmanager
 def brought_back(modules: tuple[torch.nn.Module, ...], device: torch.device) -> Iterator[None]:
     """`modules` on `device` while the block runs (sampling, the validation loss), parked again after."""
-    for module in modules:
-        module.to(device)
+    unpark(modules, device)
     try:
         yield
     finally:

@@ -28,7 +28,7 @@ from dreambooth_offset.training.lora import add_adapters, trainable_parameters
 from dreambooth_offset.training.models import SDParts, load_parts, native_resolution, training_scheduler
 from dreambooth_offset.training.ema import load_ema, make_ema
 from dreambooth_offset.training.network_weights import load_network_weights
-from dreambooth_offset.training.offload import idle_modules, park
+from dreambooth_offset.training.offload import park
 from dreambooth_offset.training.optim import make_lr_scheduler, make_optimizer, param_groups
 from dreambooth_offset.training.validation_loss import HeldOut, held_out_set, split_held_out
 
@@ -149,7 +149,7 @@ def prepare(cfg: RunConfig, resources: ExitStack | None = None) -> Run:
               auto, 0, started, make_ema(params, config.optim),
               None if held is None else held_out_set(held[0].rgb(), *held[1:3], parts, config), dataset)
     run.first_step = start_step(run, inputs.resume)
-    run.parked = idle_modules(parts, batches)
+    run.parked = batches.idle_parts(parts)
     park(run.parked)  # on a CPU-only machine a no-op
     return run
 

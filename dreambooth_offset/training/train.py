@@ -19,7 +19,7 @@ from dreambooth_offset.noise.objective import Loss
 from dreambooth_offset.training import checkpoint
 from dreambooth_offset.training.ema import ema_weights, save_ema
 from dreambooth_offset.training.lora import weight_name
-from dreambooth_offset.training.offload import brought_back
+from dreambooth_offset.training.offload import brought_back, unpark
 from dreambooth_offset.training.outputs import write_lora_files
 from dreambooth_offset.training.guards import StopRequest, stop_on_signal
 from dreambooth_offset.training.prepare import Run, prepare
@@ -161,8 +161,7 @@ def finish(run: Run, loop_start: float, first_done: float | None, loop_end: floa
             with ema_weights(run.ema, run.params, keep=True):
                 lora_path = write_lora_files(out, run, cfg.train.max_train_steps, final=True)
     accelerator.end_training()
-    for module in run.parked:  # the caller may sample with the parts (experiments/runs.py)
-        module.to(accelerator.device)
+    unpark(run.parked, accelerator.device)  # the caller may sample with the parts (experiments/runs.py)
     steps = cfg.train.max_train_steps - run.first_step
     rate = (steps - 1) / max(loop_end - (first_done or loop_end), 1e-9)
     result = TrainResult(steps, time.time() - run.started, lora_path, accelerator.unwrap_model(run.unet),
