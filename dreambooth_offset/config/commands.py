@@ -142,6 +142,10 @@ class ExperimentOptions:
         None, "Shipped base only: prior preservation with N images of its own training data and their captions, "
         "written to OUTPUT_DIR/data/prior (default 256 on the shipped base; 0: the black image alone, "
         "Guttenberg's setup).")
+    output_preservation: bool = option(
+        False, "Output preservation beside the prior set: each black-image row gets a twin at its own noisy input "
+        "under the prior set's captions in turn, every other twin with the empty caption, regressed on the base's "
+        "prediction (the trainer's --output_preservation_prompts; docs/dark-and-bright.md).")
 
     def __post_init__(self) -> None:
         if self.prior_size is not None and self.prior_size < 0:

@@ -63,6 +63,14 @@ class DataConfig:
         "the prior is exact for every class caption, empty ones too (docs/science.md, 'Dark and bright scenes').",
         ("image", "prediction"),
     )
+    output_preservation_prompts: tuple[str, ...] = option(
+        (), "Output preservation: beside each instance row, one row at the same noisy input (same timestep, same "
+        "noise) under the next of these captions, in turn, regressed on what the base predicts there with the LoRA "
+        "off (ai-toolkit's differential output preservation). The instance images then teach their own caption "
+        "only, not every caption near it; '' is the unconditional branch that guidance extrapolates from. Each "
+        "step costs one more forward and backward pass of the instance rows and one forward without the LoRA "
+        "(docs/dark-and-bright.md). Default: off.")
+    output_preservation_weight: float = option(1.0, "Weight of the output-preservation loss.")
     sample_batch_size: int = option(4, "Batch size when generating class images.")
     caption_extension: str = option(
         "", "Sidecar caption files, kohya style (e.g. '.txt'): an image with 'name.txt' beside it trains "
@@ -130,6 +138,8 @@ class DataConfig:
         if self.prior_preservation != "image" and not self.has_prior:
             raise UsageError(f"prior_preservation = {self.prior_preservation!r} needs with_prior_preservation "
                              "(and class images) or reg_data_dir")
+        if self.output_preservation_weight < 0:
+            raise UsageError(f"output_preservation_weight = {self.output_preservation_weight}: it must be 0 or more")
         if self.with_prior_preservation:
             if not self.class_prompt:
                 raise UsageError("with_prior_preservation needs class_prompt (e.g. 'a photo of a dog')")

@@ -49,6 +49,7 @@ class ExperimentConfig:
     # alone, as in Guttenberg's experiment.
     prior_prompts: tuple[str, ...] = ()
     prior_dir: str | None = None
+    output_preservation: bool = False  # twins of the black rows under the prior set's captions and ''
     jobs: int | None = None  # fine-tunes run at once; None: `default_jobs`
 
 
@@ -109,6 +110,16 @@ def prior_keys(folder: Path) -> dict:
             "num_class_images": count, "class_prompt": "an image"}
 
 
+def preservation_prompts(folder: Path) -> list[str]:
+    """The output-preservation captions of a prior set: its images' captions in file order (`.txt`
+    sidecars; the class prompt where there is none), each followed by the empty caption, so half the
+    twins hold the unconditional branch that guidance extrapolates from (docs/dark-and-bright.md)."""
+    from dreambooth_offset.training.data import find_images, read_captions
+
+    captions = read_captions(find_images(folder, "prior_dir", caption_extension=".txt"), ".txt", "an image")
+    return [c for caption in captions for c in (caption, "")]
+
+
 @torch.no_grad()
 def leak_starts(pipe, instance_dir: Path, num_inference_steps: int, starts: torch.Tensor) -> torch.Tensor:
     """x_t0 = a_t0 * x0_black + s_t0 * eps at the sampler's first timestep t0: the start a model
@@ -150,6 +161,8 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
                                resolution)
     else:
         prior = prior_keys(Path(cfg.prior_dir)) if cfg.prior_dir else {}
+    if cfg.output_preservation:
+        prior["output_preservation_prompts"] = preservation_prompts(Path(prior["class_data_dir"]))
     study = Study(model=cfg.model, output_dir=out, title="black-image", variants=cfg.variants, seeds=cfg.seeds,
                   train={"instance_data_dir": str(instance_dir), "instance_prompt": cfg.black_prompt, **prior,
                          **cfg.train},
@@ -172,7 +185,9 @@ def _prior_line(cfg: ExperimentConfig) -> str:
         return (f"Prior preservation: {len(cfg.prior_prompts)} base samples with their captions (`data/prior/`), "
                 f"{sum(not p for p in cfg.prior_prompts)} of them unconditional.")
     if cfg.prior_dir:
-        return f"Prior preservation: the images of `{cfg.prior_dir}`, each with the caption in its `.txt`."
+        line = f"Prior preservation: the images of `{cfg.prior_dir}`, each with the caption in its `.txt`."
+        return line + (" Output preservation: each black-image row has a twin at its noisy input under those "
+                       "captions in turn, every other one empty." if cfg.output_preservation else "")
     return "No prior preservation: the black image is the only training image."
 
 

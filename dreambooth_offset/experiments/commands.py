@@ -100,8 +100,12 @@ def run_black_image(args: argparse.Namespace) -> int:
         train=train, prompts=study.prompts or default_prompts(shipped, exclude=(opts.black_prompt,)),
         num_images=study.num_images, num_inference_steps=cfg.sampling.num_inference_steps,
         guidance_scale=cfg.sampling.guidance_scale, sampler=study.sampler, mechanism_check=opts.mechanism_check,
-        black_prompt=opts.black_prompt, prior_prompts=opts.prior_prompts, prior_dir=opts.prior_dir, jobs=study.jobs,
+        black_prompt=opts.black_prompt, prior_prompts=opts.prior_prompts, prior_dir=opts.prior_dir,
+        output_preservation=opts.output_preservation, jobs=study.jobs,
     )
+    if opts.output_preservation and not (prior_size or opts.prior_dir or opts.prior_prompts):
+        raise UsageError("--output_preservation takes its captions from the prior set: keep the shipped base's "
+                         "(--prior_size N) or give --prior_dir or --prior_prompts")
     if prior_size:
         from dreambooth_offset.experiments.shipped import write_shipped_prior
 

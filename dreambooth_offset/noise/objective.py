@@ -95,6 +95,7 @@ class Loss(NamedTuple):
     total: Tensor
     instance: Tensor
     prior: Tensor | None
+    preservation: Tensor | None = None  # output preservation (training/step.py), already in `total`
 
 
 def dreambooth_loss(model_pred: Tensor, target: Tensor, num_instance: int, prior_loss_weight: float,

@@ -41,6 +41,10 @@ class Batch(NamedTuple):
     num_instance: int  # rows [0, num_instance) are instance rows, the rest class rows
     time_ids: Tensor | None = None  # SDXL: (B, 6) original size, crop top-left, target size per row
     mask: Tensor | None = None  # --masked_loss: (B, 1, h, w) per-latent-pixel loss weights in [0, 1]
+    # --output_preservation_prompts: the caption of each instance row's twin, as token ids (n, L) and,
+    # with frozen text encoders, their output
+    twin_ids: Tensor | None = None
+    twin_conditioning: Conditioning | None = None
 
 
 class BatchSource:
@@ -76,12 +80,24 @@ class BatchSource:
             elif not train_text_encoder:  # frozen encoders give the same context every step
                 with torch.no_grad():
                     self.embeddings = encode_prompts(parts.text_encoders, self.input_ids)
+        self.twins = self._twin_prompts(cfg.output_preservation_prompts, parts, train_text_encoder)
         self.slot_buckets, self._epoch = None, (None, None)
         if buckets is not None:
             self.slot_buckets = [buckets[i] for i in self.slots["instance"]]
             b = cfg.train_batch_size
             self.batches_per_epoch = sum(-(-n // b) for n in Counter(self.slot_buckets).values())
         self.cache = self._latent_cache(buckets)
+
+    @staticmethod
+    def _twin_prompts(prompts: tuple[str, ...], parts, train_text_encoder: bool):
+        """(token ids, conditioning or None) of the output-preservation captions; None when there are none."""
+        if not prompts:
+            return None
+        ids = tokenize(parts.tokenizers, list(prompts))
+        if train_text_encoder:
+            return ids, None
+        with torch.no_grad():
+            return ids, encode_prompts(parts.text_encoders, ids)
 
     def _latent_cache(self, buckets: list[tuple[int, int]] | None) -> LatentCache | None:
         """The posterior cache when every crop is fixed (filled now under --cache_latents), else None."""
@@ -118,7 +134,7 @@ class BatchSource:
         """The batch of this process for global micro-step `micro_step` (0, 1, 2, ...)."""
         k = micro_step * self.num_processes + self.process_index  # the global batch
         if self.slot_buckets is not None:
-            return self._from_bucket(k, generator)
+            return self._with_twins(self._from_bucket(k, generator), k)
         b = self.cfg.train_batch_size
         start, examples = k * b, []
         for source, imgs in self.images.items():
@@ -126,7 +142,16 @@ class BatchSource:
             indices = [slots[k] for k in epoch_indices(len(slots), start, b, self.seed, STREAMS[source])]
             examples += draw_examples(source, imgs, indices, self.cfg.resolution, self.cfg.center_crop,
                                       self.cfg.random_flip, generator)
-        return self._batch(examples, generator)
+        return self._with_twins(self._batch(examples, generator), k)
+
+    def _with_twins(self, batch: Batch, k: int) -> Batch:
+        """`batch` (global batch `k`) with its instance rows' output-preservation captions: the prompts
+        in turn, `train_batch_size` per batch, so every one comes round as often as the others."""
+        if self.twins is None:
+            return batch
+        ids, cond = self.twins
+        rows = (k * self.cfg.train_batch_size + torch.arange(batch.num_instance)) % ids.shape[0]
+        return batch._replace(twin_ids=ids[rows], twin_conditioning=None if cond is None else cond.rows(rows))
 
     def _from_bucket(self, k: int, generator: torch.Generator) -> Batch:
         slots = self._bucket_batch(k)

@@ -9,10 +9,11 @@ import torch
 from dreambooth_offset.config import RunConfig
 from dreambooth_offset.errors import TrainingDiverged
 from dreambooth_offset.noise.noise import perturb_input_noise, sample_noise, training_progress
-from dreambooth_offset.noise.objective import Loss, dreambooth_loss, huber_threshold, min_snr_weights, training_target
+from dreambooth_offset.noise.objective import (Loss, dreambooth_loss, huber_threshold, min_snr_weights,
+                                              per_sample_loss, training_target)
 from dreambooth_offset.training.batches import Batch
 from dreambooth_offset.training.checkpoint import list_checkpoints
-from dreambooth_offset.training.family import encode_prompts, predict
+from dreambooth_offset.training.family import Conditioning, encode_prompts, predict
 from dreambooth_offset.training.lora import adapters_off
 
 
@@ -36,23 +37,47 @@ def train_step(unet, text_encoders, noise_scheduler, batch: Batch, cfg: RunConfi
     target = training_target(noise_scheduler, latents, noise, timesteps)
     n = batch.num_instance
     if cfg.data.prior_preservation == "prediction" and n < latents.shape[0]:
-        target = torch.cat([target[:n], base_prediction(unet, text_encoders, noisy_latents[n:], timesteps[n:],
-                                                         batch, n).to(target)])
+        context = None if batch.conditioning is None else batch.conditioning.rows(slice(n, None))
+        times = None if batch.time_ids is None else batch.time_ids[n:]
+        target = torch.cat([target[:n], base_prediction(unet, text_encoders, noisy_latents[n:], timesteps[n:], context,
+                                                         batch.input_ids[n:], times).to(target)])
     weights = min_snr_weights(noise_scheduler, timesteps, cfg.loss.snr_gamma) if cfg.loss.snr_gamma else None
     huber_c = huber_threshold(noise_scheduler, timesteps, cfg.loss) if cfg.loss.loss_type != "l2" else None
     mask = None if batch.mask is None else batch.mask.to(latents.device)
-    return dreambooth_loss(model_pred, target, batch.num_instance, cfg.data.prior_loss_weight, weights,
-                           cfg.loss.loss_type, huber_c, mask)
+    loss = dreambooth_loss(model_pred, target, n, cfg.data.prior_loss_weight, weights, cfg.loss.loss_type, huber_c,
+                           mask)
+    if batch.twin_ids is None:
+        return loss
+    kept = output_preservation_loss(unet, text_encoders, batch, noisy_latents[:n], timesteps[:n],
+                                    None if weights is None else weights[:n], cfg.loss.loss_type,
+                                    None if huber_c is None else huber_c[:n])
+    return loss._replace(total=loss.total + cfg.data.output_preservation_weight * kept, preservation=kept)
+
+
+def output_preservation_loss(unet, text_encoders, batch: Batch, noisy_latents, timesteps, weights, loss_type: str,
+                             huber_c):
+    """The instance rows' noisy latents under their twin captions (`batch.twin_ids`): the LoRA's
+    prediction against the base's (every LoRA off) at exactly that input, averaged as the instance
+    loss is (docs/dark-and-bright.md, "Output preservation")."""
+    n = noisy_latents.shape[0]
+    times = None if batch.time_ids is None else batch.time_ids[:n]
+    cond = batch.twin_conditioning
+    if cond is None:
+        cond = encode_prompts(text_encoders, batch.twin_ids)
+    pred = predict(unet, noisy_latents, timesteps, cond.to(noisy_latents.device), times)
+    target = base_prediction(unet, text_encoders, noisy_latents, timesteps, batch.twin_conditioning, batch.twin_ids,
+                             times)
+    losses = per_sample_loss(pred, target.to(pred), loss_type, huber_c)
+    return (losses if weights is None else losses * weights.to(losses)).mean()
 
 
 @torch.no_grad()
-def base_prediction(unet, text_encoders, noisy_latents, timesteps, batch: Batch, first: int):
-    """What the base model (every LoRA off) predicts for rows `first:` of the batch at the same
-    noisy input: the prior-preservation target of `prior_preservation = 'prediction'`."""
+def base_prediction(unet, text_encoders, noisy_latents, timesteps, cond: Conditioning | None, input_ids, times):
+    """What the base model (every LoRA off) predicts at `noisy_latents` for the prompts `input_ids`
+    (`cond`: their frozen encoders' output, when there is one): the target of
+    `prior_preservation = 'prediction'` and of output preservation."""
     with adapters_off(unet, *text_encoders):
-        cond = batch.conditioning
-        cond = encode_prompts(text_encoders, batch.input_ids[first:]) if cond is None else cond.rows(slice(first, None))
-        times = None if batch.time_ids is None else batch.time_ids[first:]
+        cond = encode_prompts(text_encoders, input_ids) if cond is None else cond
         return predict(unet, noisy_latents, timesteps, cond.to(noisy_latents.device), times)
 
 

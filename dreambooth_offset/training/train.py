@@ -80,6 +80,8 @@ def log_step(run: Run, bar, loss: Loss, total: float, done: int) -> None:
     logs = {"loss": total, "loss_instance": loss.instance.item(), "lr": run.lr_scheduler.get_last_lr()[0]}
     if loss.prior is not None:
         logs["loss_prior"] = loss.prior.item()
+    if loss.preservation is not None:
+        logs["loss_preservation"] = loss.preservation.item()
     bar.set_postfix(loss=f"{total:.4f}")
     run.accelerator.log(logs, step=done)
 

@@ -147,10 +147,13 @@ def test_prior_options_are_checked_before_any_run(tiny_model, tmp_path, capsys):
     assert "--prior_dir" in err and "missing" in err
     assert main(base + ["--prior_dir", str(tmp_path), "--prior_prompts", "a dog"]) == 2
     assert "one of" in capsys.readouterr().err
+    assert main(base + ["--output_preservation"]) == 2  # its captions are the prior set's: there is none
+    assert "--output_preservation" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 
-def test_prior_dir_trains_its_images_as_class_images(tiny_model, tmp_path):
+@pytest.mark.parametrize("output_preservation", [False, True])
+def test_prior_dir_trains_its_images_as_class_images(tiny_model, tmp_path, output_preservation):
     from PIL import Image
 
     prior = tmp_path / "reg"
@@ -163,11 +166,15 @@ def test_prior_dir_trains_its_images_as_class_images(tiny_model, tmp_path):
     code = main(["experiment", "black-image", "--pretrained_model_name_or_path", str(tiny_model),
                  "--output_dir", str(out), "--noise_offset", "0.1", "--num_images", "2",
                  "--num_inference_steps", "2", "--max_train_steps", "1", "--optimizer", "adamw",
-                 "--prompts", "a photo of sks dog", "--prior_dir", str(prior)])
+                 "--prompts", "a photo of sks dog", "--prior_dir", str(prior)]
+                + ["--output_preservation"] * output_preservation)
     assert code == 0
     run = json.loads((out / "runs" / "noise_offset=0.1-seed0" / "training_config.json").read_text())
     assert run["with_prior_preservation"] and run["class_data_dir"] == str(prior)
     assert run["num_class_images"] == 3 and run["caption_extension"] == ".txt"
+    # the twins' captions: the prior set's in file order (the class prompt where none), each then empty
+    assert run["output_preservation_prompts"] == (
+        ["a photo of a dog", "", "", "", "an image", ""] if output_preservation else [])
     assert sorted(p.name for p in prior.iterdir()) == ["0.png", "0.txt", "1.png", "1.txt", "no_caption.png"]
     assert json.loads((out / "results.json").read_text())["settings"]["prior_dir"] == str(prior)
 

@@ -75,12 +75,18 @@ def test_sdxl_resume_equals_the_uninterrupted_run(tiny_sdxl, instance_dir, tmp_p
                                random_flip=True, optimizer="adamw8bit", train_text_encoder=True, seed=3)
 
 
-def test_sdxl_prior_preservation_and_validation_sample_through_the_sdxl_pipeline(tiny_sdxl, instance_dir, tmp_path):
+@pytest.mark.parametrize("base_targets", [False, True])
+def test_sdxl_prior_preservation_and_validation_sample_through_the_sdxl_pipeline(tiny_sdxl, instance_dir, tmp_path,
+                                                                                base_targets):
+    """base_targets: the class rows and the instance rows' twins regress on the base's prediction
+    (prior_preservation = 'prediction', output preservation), which needs SDXL's pooled text and time ids."""
     class_dir = tmp_path / "class"
+    extra = {"prior_preservation": "prediction", "output_preservation_prompts": ["", "a photo of dog"]} \
+        if base_targets else {}
     argv = flags(tiny_sdxl, instance_dir, tmp_path / "out", with_prior_preservation=True, class_data_dir=class_dir,
                  class_prompt="a photo of dog", num_class_images=2, num_inference_steps=2, sample_batch_size=2,
                  max_train_steps=2, validation_prompt="a photo of sks dog", validation_steps=2,
-                 num_validation_images=1)
+                 num_validation_images=1, **extra)
     assert main(argv) == 0
     assert len(list(class_dir.glob("*.png"))) == 2
     assert list((tmp_path / "out").rglob("*.png")), "no validation image written"
