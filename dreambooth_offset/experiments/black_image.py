@@ -173,7 +173,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     results = {
         "black_prompt": cfg.black_prompt, "wall_time_s": elapsed(started), "model": cfg.model, "resolution": resolution,
         "settings": {**settings(study, jobs), "train": cfg.train, "prior_prompts": list(cfg.prior_prompts),
-                     "prior_dir": cfg.prior_dir},
+                     "prior_dir": cfg.prior_dir, "output_preservation": cfg.output_preservation},
         "a_T": a_t, "runs": rows,
     }
     write_report(out, cfg, results, samples)
@@ -182,13 +182,14 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
 
 def _prior_line(cfg: ExperimentConfig) -> str:
     if cfg.prior_prompts:
-        return (f"Prior preservation: {len(cfg.prior_prompts)} base samples with their captions (`data/prior/`), "
+        line = (f"Prior preservation: {len(cfg.prior_prompts)} base samples with their captions (`data/prior/`), "
                 f"{sum(not p for p in cfg.prior_prompts)} of them unconditional.")
-    if cfg.prior_dir:
+    elif cfg.prior_dir:
         line = f"Prior preservation: the images of `{cfg.prior_dir}`, each with the caption in its `.txt`."
-        return line + (" Output preservation: each black-image row has a twin at its noisy input under those "
-                       "captions in turn, every other one empty." if cfg.output_preservation else "")
-    return "No prior preservation: the black image is the only training image."
+    else:
+        return "No prior preservation: the black image is the only training image."
+    return line + (" Output preservation: each black-image row has a twin at its noisy input under those "
+                   "captions in turn, every other one empty." if cfg.output_preservation else "")
 
 
 def write_report(out: Path, cfg: ExperimentConfig, results: dict, samples: dict) -> None:
