@@ -143,7 +143,9 @@ def test_output_preservation_regresses_twins_on_the_base_at_the_instance_input(t
         target = base(noisy, t[:n], encode_prompts([base_encoder], batch.twin_ids).context).sample
         lora_cond = batch.twin_conditioning or encode_prompts(run.encoders, batch.twin_ids)
         pred = run.unet(noisy, t[:n], lora_cond.context).sample
-    torch.testing.assert_close(loss.preservation, (pred - target).pow(2).mean(), rtol=1e-4, atol=1e-7)
+    # Unit-sized predictions of two loads of one model agree to about 1e-6 in float32; the gaps here are
+    # about 1e-2 (mean square 1.8e-4), so their mean square agrees to about 2e-6 / 1e-2 = 2e-4 relative.
+    torch.testing.assert_close(loss.preservation, (pred - target).pow(2).mean(), rtol=1e-3, atol=0.0)
     assert loss.preservation.item() > 1e-6
     torch.testing.assert_close(loss.total, loss.instance + loss.prior + 0.5 * loss.preservation)
     assert all(m.requires_grad for m in run.params)  # the adapters are back on and still train
