@@ -102,6 +102,11 @@ def prior_preservation_without_class_prompt(ctx):
     return _train(ctx, ctx.instance_dir, with_prior_preservation=True, class_data_dir=ctx.tmp / "c")
 
 
+@case(2, "output_preservation_weight = -1.0: it must be 0 or more")
+def negative_output_preservation_weight(ctx):
+    return _train(ctx, ctx.instance_dir, output_preservation_prompts=[""], output_preservation_weight=-1)
+
+
 @case(2, "zero_terminal_snr needs prediction_type = 'v_prediction'")
 def zero_terminal_snr_with_epsilon(ctx):
     return _train(ctx, ctx.instance_dir, zero_terminal_snr=True)
