@@ -133,16 +133,19 @@ class BatchSource:
     def __call__(self, micro_step: int, generator: torch.Generator) -> Batch:
         """The batch of this process for global micro-step `micro_step` (0, 1, 2, ...)."""
         k = micro_step * self.num_processes + self.process_index  # the global batch
-        if self.slot_buckets is not None:
-            return self._with_twins(self._from_bucket(k, generator), k)
+        batch = self._from_bucket(k, generator) if self.slot_buckets is not None else self._from_slots(k, generator)
+        return self._with_twins(batch, k)
+
+    def _from_slots(self, k: int, generator: torch.Generator) -> Batch:
+        """Global batch `k` without buckets: `train_batch_size` rows of each source, in epoch order."""
         b = self.cfg.train_batch_size
         start, examples = k * b, []
         for source, imgs in self.images.items():
             slots = self.slots[source]
-            indices = [slots[k] for k in epoch_indices(len(slots), start, b, self.seed, STREAMS[source])]
+            indices = [slots[i] for i in epoch_indices(len(slots), start, b, self.seed, STREAMS[source])]
             examples += draw_examples(source, imgs, indices, self.cfg.resolution, self.cfg.center_crop,
                                       self.cfg.random_flip, generator)
-        return self._with_twins(self._batch(examples, generator), k)
+        return self._batch(examples, generator)
 
     def _with_twins(self, batch: Batch, k: int) -> Batch:
         """`batch` (global batch `k`) with its instance rows' output-preservation captions: the prompts

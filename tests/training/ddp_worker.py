@@ -1,5 +1,6 @@
 """Run by test_distributed under torchrun: train, then dump this process's LoRA weights so the
-test can compare the processes (the trainer itself writes only on the main process)."""
+test can compare the processes (the trainer itself writes only on the main process).
+Arguments: model, instance folder, output folder, dump folder, extra trainer settings as JSON."""
 import json
 import os
 import sys
@@ -18,7 +19,7 @@ cfg = load_config(None, {
     "pretrained_model_name_or_path": model, "instance_data_dir": instance_dir, "instance_prompt": "a photo of sks dog",
     "resolution": 16, "train_batch_size": 1, "max_train_steps": 3, "learning_rate": 1e-2, "output_dir": out,
     "report_to": "none", "optimizer": "adamw8bit", "checkpointing_steps": 2,
-    **json.loads(sys.argv[5] if len(sys.argv) > 5 else "{}"),  # the test's extra settings
+    **json.loads(sys.argv[5]),  # the test's extra settings
 })
 result = train(cfg)
 from accelerate import PartialState
