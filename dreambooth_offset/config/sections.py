@@ -87,6 +87,24 @@ class AdapterConfig:
         return self.rank if self.lora_alpha is None else self.lora_alpha
 
 
+def parse_step_rules(rules: str) -> tuple[list[tuple[float, int]], float]:
+    """diffusers' piecewise-constant rules 'm1:s1,m2:s2,...,m_last' as ([(m1, s1), ...], m_last): the
+    learning rate times m1 before step s1, m2 before s2, ..., m_last after. Steps must rise, multipliers
+    be finite and >= 0."""
+    *parts, last = rules.split(",")
+    try:
+        pairs = [(float(m), int(step)) for m, step in (p.split(":") for p in parts)]
+        final = float(last)
+    except ValueError:
+        raise UsageError(f"lr_step_rules = {rules!r}: expected 'multiplier:step,...,last multiplier', "
+                         f"e.g. '1:450,0.1'") from None
+    steps = [step for _, step in pairs]
+    if any(not math.isfinite(m) or m < 0 for m in [*(m for m, _ in pairs), final]) or steps != sorted(set(steps)) \
+            or any(step <= 0 for step in steps):
+        raise UsageError(f"lr_step_rules = {rules!r}: multipliers must be finite and >= 0, steps > 0 and rising")
+    return pairs, final
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     optimizer: str = option(
@@ -106,8 +124,12 @@ class OptimConfig:
     lr_scheduler: str = option(
         "constant",
         "diffusers learning-rate schedule.",
-        ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"),
+        ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+         "piecewise_constant"),
     )
+    lr_step_rules: str | None = option(
+        None, "piecewise_constant: diffusers' step rules, 'multiplier:step,...,last multiplier', e.g. '1:450,0.1' "
+        "(the learning rate until step 450, a tenth of it after).")
     lr_warmup_steps: int = option(0, "Warm-up steps of the learning-rate schedule.")
     lr_num_cycles: int = option(1, "Cycles of cosine_with_restarts.")
     lr_power: float = option(1.0, "Power of the polynomial schedule.")
@@ -136,6 +158,11 @@ class OptimConfig:
                                             or self.text_encoder_lr not in (None, self.learning_rate)):
             raise UsageError("optimizer = 'prodigy' takes one learning rate for every parameter (prodigyopt refuses "
                              "groups at other rates): drop text_encoder_lr / loraplus_lr_ratio")
+        if (self.lr_scheduler == "piecewise_constant") != (self.lr_step_rules is not None):
+            raise UsageError("lr_step_rules goes with lr_scheduler = 'piecewise_constant', and that schedule needs "
+                             "it (e.g. --lr_step_rules 1:450,0.1)")
+        if self.lr_step_rules is not None:
+            parse_step_rules(self.lr_step_rules)
         if self.lr_warmup_steps < 0 or self.max_grad_norm < 0:
             raise UsageError("lr_warmup_steps and max_grad_norm must be >= 0")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from dreambooth_offset.config import OptimConfig, TrainConfig
+from dreambooth_offset.config.sections import parse_step_rules
 from dreambooth_offset.errors import UsageError
 
 # bitsandbytes keeps tensors under `min_8bit_size` elements (default 4096) in fp32. A rank-4 LoRA
@@ -94,6 +95,12 @@ def make_prodigy(params: list, cfg: OptimConfig, kwargs: dict) -> torch.optim.Op
                    safeguard_warmup=cfg.prodigy_safeguard_warmup, **kwargs)
 
 
+def scale_step_rules(rules: str, factor: int) -> str:
+    """The rules with every step times `factor` (the scheduler's steps per optimizer step)."""
+    pairs, last = parse_step_rules(rules)
+    return ",".join([*(f"{m!r}:{step * factor}" for m, step in pairs), repr(last)])
+
+
 def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, train: TrainConfig, num_processes: int):
     """diffusers' `get_scheduler`; accelerate steps a prepared scheduler once per process, hence the factor."""
     from diffusers.optimization import get_scheduler
@@ -101,6 +108,7 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, train:
     return get_scheduler(
         cfg.lr_scheduler,
         optimizer=optimizer,
+        step_rules=cfg.lr_step_rules and scale_step_rules(cfg.lr_step_rules, num_processes),
         num_warmup_steps=cfg.lr_warmup_steps * num_processes,
         num_training_steps=train.max_train_steps * num_processes,
         num_cycles=cfg.lr_num_cycles,

@@ -163,3 +163,33 @@ def test_torch_compile_trains_the_same_lora_and_reports_the_first_step(tiny_mode
     assert "with torch.compile's compilation, then" in printed and "(first step" in printed
     a, b = load_file(tmp_path / "plain" / LORA_WEIGHT_NAME), load_file(tmp_path / "compiled" / LORA_WEIGHT_NAME)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_piecewise_constant_schedule_follows_its_step_rules_per_process():
+    """diffusers' piecewise-constant schedule: the rate times 1 before step 3, a tenth from there; with 2
+    processes accelerate steps the scheduler twice per optimizer step, so the boundary moves to 6."""
+    from dreambooth_offset.config import TrainConfig
+    from dreambooth_offset.training.optim import make_lr_scheduler
+
+    cfg = OptimConfig(learning_rate=0.5, lr_scheduler="piecewise_constant", lr_step_rules="1:3,0.1")
+    for processes in (1, 2):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate)
+        scheduler = make_lr_scheduler(optimizer, cfg, TrainConfig(max_train_steps=6), processes)
+        rates = []
+        for _ in range(6 * processes):
+            rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        assert rates == pytest.approx([0.5] * 3 * processes + [0.05] * 3 * processes, rel=1e-12)
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"lr_scheduler": "piecewise_constant"}, "needs it"),
+    ({"lr_step_rules": "1:3,0.1"}, "goes with lr_scheduler"),
+    ({"lr_scheduler": "piecewise_constant", "lr_step_rules": "1:3;0.1"}, "expected 'multiplier:step"),
+    ({"lr_scheduler": "piecewise_constant", "lr_step_rules": "1:30,0.5:20,0.1"}, "rising"),
+    ({"lr_scheduler": "piecewise_constant", "lr_step_rules": "1:3,-0.1"}, ">= 0"),
+])
+def test_step_rules_without_their_schedule_or_out_of_shape_are_refused(keys, message):
+    with pytest.raises(UsageError, match=message):
+        OptimConfig(**keys)
