@@ -99,8 +99,8 @@ def parse_step_rules(rules: str) -> tuple[list[tuple[float, int]], float]:
         raise UsageError(f"lr_step_rules = {rules!r}: expected 'multiplier:step,...,last multiplier', "
                          f"e.g. '1:450,0.1'") from None
     steps = [step for _, step in pairs]
-    if any(not math.isfinite(m) or m < 0 for m in [*(m for m, _ in pairs), final]) or steps != sorted(set(steps)) \
-            or any(step <= 0 for step in steps):
+    bad_multiplier = any(not math.isfinite(m) or m < 0 for m in (*(m for m, _ in pairs), final))
+    if bad_multiplier or steps != sorted(set(steps)) or min(steps, default=1) <= 0:
         raise UsageError(f"lr_step_rules = {rules!r}: multipliers must be finite and >= 0, steps > 0 and rising")
     return pairs, final
 
