@@ -155,7 +155,21 @@ class ExperimentOptions:
 
 
 @dataclass(frozen=True)
-class RangeOptions:
+class PriorSetOptions:
+    """The prior set of the brightness-range and subject experiments."""
+
+    prior_size: int = option(256, "Shipped base: prior preservation with N images of its own training data and "
+                                  "their captions (0: none).")
+    prior_dir: str | None = option(
+        None, "Prior preservation with your own class images (with .txt captions), instead of --prior_size.")
+
+    def __post_init__(self) -> None:
+        if self.prior_size < 0:
+            raise UsageError(f"--prior_size {self.prior_size}: must be 0 (off) or more")
+
+
+@dataclass(frozen=True)
+class RangeOptions(PriorSetOptions):
     """`experiment brightness-range`'s own options."""
 
     output_dir: str = option("brightness-range-report", "Report folder.")
@@ -166,12 +180,13 @@ class RangeOptions:
                                        "level (Guttenberg's fine-tune used about 40).")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.num_train_images < 5:
             raise UsageError(f"--num_train_images {self.num_train_images}: at least 5, one per brightness level")
 
 
 @dataclass(frozen=True)
-class SubjectOptions:
+class SubjectOptions(PriorSetOptions):
     """`experiment subject`'s own options."""
 
     output_dir: str = option("subject-report", "Report folder.")
@@ -182,14 +197,9 @@ class SubjectOptions:
     subject_hue: float | None = option(
         None, "Hue of your subject's main colour in degrees (HSV), for the colour fidelity figure. The shipped "
         "subject is measured by its shape (the shipped VAE cannot make its magenta, hue 307).")
-    prior_size: int = option(256, "Shipped base: prior preservation with N images of its own training data and "
-                                  "their captions (0: none).")
-    prior_dir: str | None = option(
-        None, "Prior preservation with your own class images (with .txt captions), instead of --prior_size.")
 
     def __post_init__(self) -> None:
-        if self.prior_size < 0:
-            raise UsageError(f"--prior_size {self.prior_size}: must be 0 (off) or more")
+        super().__post_init__()
         if self.subject_hue is not None and not 0.0 <= self.subject_hue < 360.0:
             raise UsageError(f"--subject_hue {self.subject_hue}: a hue in degrees, 0 <= hue < 360")
 

@@ -15,23 +15,27 @@ from dreambooth_offset.config.commands import (
     SubjectExperimentConfig,
 )
 from dreambooth_offset.errors import UsageError
-from dreambooth_offset.experiments.shipped import SHIPPED_BASE, SHIPPED_PRIOR_SIZE, SHIPPED_SAMPLING, SHIPPED_TRAIN
+from dreambooth_offset.experiments.shipped import (SHIPPED_BASE, SHIPPED_PRIOR_SIZE, SHIPPED_RANGE_TRAIN,
+                                                   SHIPPED_SAMPLING, SHIPPED_TRAIN)
 
+# (name, schema, summary, trainer settings on the shipped base)
 EXPERIMENTS = (
     ("black-image", BlackImageConfig, "Fine-tune on one solid black image without and with offset noise; compare "
-                                      "samples."),
+                                      "samples.", SHIPPED_TRAIN),
     ("brightness-range", BrightnessRangeConfig, "Fine-tune on a small captioned set spread over the brightness levels "
-                                                "without and with offset noise; compare dark and bright prompts."),
+                                                "without and with offset noise; compare dark and bright prompts.",
+     SHIPPED_RANGE_TRAIN),
     ("subject", SubjectExperimentConfig, "DreamBooth a subject without and with offset noise; sample it alone, in a "
-                                         "very dark and in a very bright scene; measure brightness and fidelity."),
+                                         "very dark and in a very bright scene; measure brightness and fidelity.",
+     SHIPPED_TRAIN),
 )
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("experiment", help="Reproducible experiments (black image, brightness range).")
     sub = p.add_subparsers(dest="experiment", required=True, metavar="NAME")
-    shipped = ", ".join(f"{k}={v}" for k, v in {**SHIPPED_SAMPLING, **SHIPPED_TRAIN}.items())
-    for name, schema, summary in EXPERIMENTS:
+    for name, schema, summary, shipped_train in EXPERIMENTS:
+        shipped = ", ".join(f"{k}={v}" for k, v in {**SHIPPED_SAMPLING, **shipped_train}.items())
         e = sub.add_parser(name, allow_abbrev=False, help=summary,
                            description=f"{summary} Defaults run on the base model the package ships, on CPU, in "
                                        f"minutes; there, sampling and trainer settings default to its own: {shipped}.")
@@ -58,16 +62,16 @@ def parse_settings(items: tuple[str, ...]) -> dict:
     return out
 
 
-def load(args: argparse.Namespace, schema: type):
+def load(args: argparse.Namespace, schema: type, shipped_train: dict = SHIPPED_TRAIN):
     """(the experiment's config, the base's path, whether it is the shipped base, the trainer keys
-    of every run): defaults < the shipped base's settings < flags."""
+    of every run): defaults < the shipped base's settings (`shipped_train`) < flags."""
     given = given_values(args, schema)
     model = given.get("pretrained_model_name_or_path") or str(SHIPPED_BASE)
     shipped = Path(model).resolve() == SHIPPED_BASE
     cfg = load_config(None, {**(SHIPPED_SAMPLING if shipped else {}), **given}, schema)
     if shipped and not (SHIPPED_BASE / "model_index.json").is_file():
         raise UsageError(f"the shipped base is missing from {SHIPPED_BASE}; run `dreambooth-offset pretrain-base`")
-    train = {**(SHIPPED_TRAIN if shipped else {}), **given_values(args, RunConfig, EXPERIMENT_TRAINER_KEYS),
+    train = {**(shipped_train if shipped else {}), **given_values(args, RunConfig, EXPERIMENT_TRAINER_KEYS),
              **parse_settings(cfg.study.set)}
     return cfg, model, shipped, train
 
@@ -120,14 +124,15 @@ def run_brightness_range(args: argparse.Namespace) -> int:
     from dreambooth_offset.experiments.report import range_table
     from dreambooth_offset.experiments.runs import GUTTENBERG_PROMPTS, offset_variants
 
-    cfg, model, shipped, train = load(args, BrightnessRangeConfig)
+    cfg, model, shipped, train = load(args, BrightnessRangeConfig, SHIPPED_RANGE_TRAIN)
     opts, study = cfg.experiment, cfg.study
     own_data(opts.train_data_dir, "train_data_dir", shipped, "images with .txt captions, as in Guttenberg's "
              "fine-tune", caption_extension=".txt")
-    check_train(train, False)
     prompts = study.prompts or (br.SHIPPED_PROMPTS if shipped else GUTTENBERG_PROMPTS)
-    exp = br.RangeConfig(model=model, output_dir=Path(opts.output_dir), variants=offset_variants(study.noise_offset),
-                         seeds=study.seeds, train=train, prompts=prompts, train_data_dir=opts.train_data_dir,
+    out = Path(opts.output_dir)
+    exp = br.RangeConfig(model=model, output_dir=out, variants=offset_variants(study.noise_offset), seeds=study.seeds,
+                         train=with_prior_set(opts, shipped, train, out, prompts), prompts=prompts,
+                         train_data_dir=opts.train_data_dir,
                          num_train_images=opts.num_train_images, num_images=study.num_images,
                          num_inference_steps=cfg.sampling.num_inference_steps,
                          guidance_scale=cfg.sampling.guidance_scale, sampler=study.sampler, jobs=study.jobs)
@@ -137,31 +142,23 @@ def run_brightness_range(args: argparse.Namespace) -> int:
 
 def run_subject(args: argparse.Namespace) -> int:
     from dreambooth_offset.experiments import subject as sj
-    from dreambooth_offset.experiments.black_image import prior_keys
     from dreambooth_offset.experiments.runs import offset_variants
 
     cfg, model, shipped, train = load(args, SubjectExperimentConfig)
     opts, study = cfg.experiment, cfg.study
     own_data(opts.instance_data_dir, "instance_data_dir", shipped, "your subject's images, with "
              "--instance_prompt and --subject_hue")
-    prior_size = opts.prior_size if shipped and not opts.prior_dir else 0
-    check_train(train, bool(prior_size or opts.prior_dir))
     out = Path(opts.output_dir)
     prompts = study.prompts or (sj.SHIPPED_PROMPTS if shipped else (
         opts.instance_prompt, f"{opts.instance_prompt} at night in a very dark room",
         f"{opts.instance_prompt} in the snow on a bright sunny day"))
+    train = with_prior_set(opts, shipped, train, out, prompts)
     if opts.instance_data_dir:
         instance = Path(opts.instance_data_dir)
     else:
         from dreambooth_offset.config.recipe import shipped_recipe
 
         instance = sj.write_subject_images(out / "data" / "subject", sj.NUM_SUBJECT_IMAGES, shipped_recipe().resolution)
-    if prior_size:
-        from dreambooth_offset.experiments.shipped import write_shipped_prior
-
-        train = {**prior_keys(write_shipped_prior(out / "data" / "prior", prior_size, list(prompts))), **train}
-    elif opts.prior_dir:
-        train = {**prior_keys(Path(opts.prior_dir)), **train}
     exp = sj.SubjectConfig(model=model, output_dir=out, variants=offset_variants(study.noise_offset), seeds=study.seeds,
                            train=train, prompts=prompts, instance_dir=instance, instance_prompt=opts.instance_prompt,
                            subject_hue=opts.subject_hue, shape=not opts.instance_data_dir, num_images=study.num_images,
@@ -169,6 +166,23 @@ def run_subject(args: argparse.Namespace) -> int:
                            guidance_scale=cfg.sampling.guidance_scale, sampler=study.sampler, jobs=study.jobs)
     results = sj.run_experiment(exp)
     return finished(sj.subject_table(results["runs"], list(exp.prompts)), results, out)
+
+
+def with_prior_set(opts, shipped: bool, train: dict, out: Path, prompts: tuple[str, ...]) -> dict:
+    """`train` with the experiment's prior set: `--prior_dir`, else on the shipped base `--prior_size`
+    images of its own training data written to OUT/data/prior (none of them captioned like one of
+    `prompts`); checked before minutes of work."""
+    from dreambooth_offset.experiments.black_image import prior_keys
+
+    size = opts.prior_size if shipped and not opts.prior_dir else 0
+    check_train(train, bool(size or opts.prior_dir))
+    if opts.prior_dir:
+        return {**prior_keys(Path(opts.prior_dir)), **train}
+    if size:
+        from dreambooth_offset.experiments.shipped import write_shipped_prior
+
+        return {**prior_keys(write_shipped_prior(out / "data" / "prior", size, list(prompts))), **train}
+    return train
 
 
 def own_data(folder: str | None, flag: str, shipped: bool, what: str, caption_extension: str = "") -> None:

@@ -24,6 +24,11 @@ SHIPPED_TRAIN = {
                             "conv_shortcut", "proj_in", "proj_out"],
     "optimizer": "adamw",
 }
+# The brightness-range experiment's own changes (docs/dark-and-bright.md, "The default since
+# 2026-12-07"): the LoRA trained on timesteps 700-999 only, where the image's brightness is set and
+# the offset's signal lives, and on the text encoder too; 400 steps, as the prior rows (--prior_size)
+# double a step (350 were faster but missed a bar).
+SHIPPED_RANGE_TRAIN = {**SHIPPED_TRAIN, "max_train_steps": 400, "min_timestep": 700, "train_text_encoder": True}
 SHIPPED_SAMPLING = {"guidance_scale": 3.0, "num_inference_steps": 25}
 # Prior preservation with 256 images of the base's own training data: without it the one-image
 # fine-tune pulls every prompt towards the black one (docs/black-image-experiment.md). The black

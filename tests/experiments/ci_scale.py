@@ -1,6 +1,6 @@
 """The CI-scale configurations of the brightness-range and subject regression tests, shared by the
 tests and by the script that measured their bounds over training seeds (`python -m
-tests.experiments.ci_scale OUT_DIR`, which prints each seed's figures)."""
+tests.experiments.ci_scale OUT_DIR [NAME]`, which prints each seed's figures)."""
 from __future__ import annotations
 
 import json
@@ -8,21 +8,24 @@ import sys
 from pathlib import Path
 
 from dreambooth_offset.experiments.runs import offset_variants
-from dreambooth_offset.experiments.shipped import SHIPPED_BASE, SHIPPED_PRIOR_SIZE, SHIPPED_SAMPLING, SHIPPED_TRAIN
+from dreambooth_offset.experiments.shipped import (SHIPPED_BASE, SHIPPED_PRIOR_SIZE, SHIPPED_RANGE_TRAIN, SHIPPED_SAMPLING,
+                                                   SHIPPED_TRAIN)
 
-STEPS = 200  # a third of the default's 600: the learning rate still decays linearly to 0 over the run
+STEPS = 200  # the subject: a third of the default's 600; the learning rate still decays linearly to 0 over the run
+RANGE_STEPS = 100  # the brightness range: a quarter of its default's 400
 # Two of each experiment's prompts (sampling is about a third of a run's time); the brightness
 # range still trains on the default's 40 images (which leave out all five of its prompts).
-RANGE_PROMPTS = ("a very bright landscape with a blue sky and green ground and a sun",
-                 "a red circle on a blue background")
+RANGE_PROMPTS = ("a very dark red circle on a blue background",
+                 "a very bright landscape with a blue sky and green ground and a sun")
 
 
 def brightness_range(out: Path, seeds: tuple[int, ...] = (0,)):
     from dreambooth_offset.experiments import brightness_range as br
 
     data = br.write_training_set(out / "data" / "train", br.RangeConfig.num_train_images, br.SHIPPED_PROMPTS)
+    prior = shipped_prior(out, br.SHIPPED_PROMPTS)
     cfg = br.RangeConfig(model=str(SHIPPED_BASE), output_dir=out, variants=offset_variants((0.0, 0.1)), seeds=seeds,
-                         train={**SHIPPED_TRAIN, "max_train_steps": STEPS}, prompts=RANGE_PROMPTS,
+                         train={**prior, **SHIPPED_RANGE_TRAIN, "max_train_steps": RANGE_STEPS}, prompts=RANGE_PROMPTS,
                          train_data_dir=str(data), **SHIPPED_SAMPLING)
     return br.run_experiment(cfg)
 
@@ -30,16 +33,22 @@ def brightness_range(out: Path, seeds: tuple[int, ...] = (0,)):
 def subject(out: Path, seeds: tuple[int, ...] = (0,)):
     from dreambooth_offset.config.recipe import shipped_recipe
     from dreambooth_offset.experiments import subject as sj
-    from dreambooth_offset.experiments.black_image import prior_keys
-    from dreambooth_offset.experiments.shipped import write_shipped_prior
 
-    prior = prior_keys(write_shipped_prior(out / "data" / "prior", SHIPPED_PRIOR_SIZE, list(sj.SHIPPED_PROMPTS)))
+    prior = shipped_prior(out, sj.SHIPPED_PROMPTS)
     instance = sj.write_subject_images(out / "data" / "subject", sj.NUM_SUBJECT_IMAGES, shipped_recipe().resolution)
     cfg = sj.SubjectConfig(model=str(SHIPPED_BASE), output_dir=out, variants=offset_variants((0.0, 0.1)), seeds=seeds,
                            train={**prior, **SHIPPED_TRAIN, "max_train_steps": STEPS},
                            prompts=(sj.SHIPPED_PROMPTS[0], sj.SHIPPED_PROMPTS[2]),
                            instance_dir=instance, shape=True, **SHIPPED_SAMPLING)
     return sj.run_experiment(cfg)
+
+
+def shipped_prior(out: Path, prompts: tuple[str, ...]) -> dict:
+    """Trainer keys of the experiments' default prior set (256 images of the base's own data)."""
+    from dreambooth_offset.experiments.black_image import prior_keys
+    from dreambooth_offset.experiments.shipped import write_shipped_prior
+
+    return prior_keys(write_shipped_prior(out / "data" / "prior", SHIPPED_PRIOR_SIZE, list(prompts)))
 
 
 def by_seed(results: dict) -> dict:
@@ -50,9 +59,11 @@ def by_seed(results: dict) -> dict:
     return out
 
 
-if __name__ == "__main__":
-    root = Path(sys.argv[1])
+if __name__ == "__main__":  # python -m tests.experiments.ci_scale OUT_DIR [brightness-range | subject]
+    root, only = Path(sys.argv[1]), sys.argv[2:]
     for name, run in (("brightness-range", brightness_range), ("subject", subject)):
+        if only and name not in only:
+            continue
         results = run(root / name, (0, 1, 2))
         print(name, results["wall_time_s"], "s")
         print(json.dumps(by_seed(results), indent=1))

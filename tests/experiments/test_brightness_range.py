@@ -54,3 +54,19 @@ def test_another_base_needs_its_training_images(tiny_model, tmp_path, capsys):
     assert main(["experiment", "brightness-range", "--pretrained_model_name_or_path", str(tiny_model),
                  "--output_dir", str(tmp_path / "r")]) == 2
     assert "--train_data_dir is required" in capsys.readouterr().err
+
+
+def test_prior_dir_trains_the_class_images_with_their_captions(tiny_model, tmp_path):
+    data = write_images(tmp_path / "data", [(10, 10, 10), (245, 245, 245)])
+    prior = write_images(tmp_path / "prior", [(128, 128, 128), (60, 60, 60)])
+    for folder, captions in ((data, ["a dark photo", "a bright photo"]), (prior, ["a photo", ""])):
+        for i, caption in enumerate(captions):
+            (folder / f"img{i}.txt").write_text(caption)
+    out = tmp_path / "report"
+    assert main(["experiment", "brightness-range", "--pretrained_model_name_or_path", str(tiny_model),
+                 "--train_data_dir", str(data), "--prior_dir", str(prior), "--output_dir", str(out), "--seeds", "0",
+                 "--noise_offset", "0.1", "--num_images", "2", "--num_inference_steps", "2", "--max_train_steps", "2",
+                 "--optimizer", "adamw", "--prompts", "a dark photo"]) == 0
+    trained = json.loads((out / "runs" / "noise_offset=0.1-seed0" / "training_config.json").read_text())
+    assert trained["with_prior_preservation"] and trained["class_data_dir"] == str(prior)
+    assert trained["num_class_images"] == 2 and trained["instance_data_dir"] == str(data)
