@@ -62,16 +62,17 @@ def parse_settings(items: tuple[str, ...]) -> dict:
     return out
 
 
-def load(args: argparse.Namespace, schema: type, shipped_train: dict = SHIPPED_TRAIN):
+def load(args: argparse.Namespace, schema: type):
     """(the experiment's config, the base's path, whether it is the shipped base, the trainer keys
-    of every run): defaults < the shipped base's settings (`shipped_train`) < flags."""
+    of every run): defaults < the shipped base's settings (EXPERIMENTS) < flags."""
     given = given_values(args, schema)
     model = given.get("pretrained_model_name_or_path") or str(SHIPPED_BASE)
     shipped = Path(model).resolve() == SHIPPED_BASE
     cfg = load_config(None, {**(SHIPPED_SAMPLING if shipped else {}), **given}, schema)
     if shipped and not (SHIPPED_BASE / "model_index.json").is_file():
         raise UsageError(f"the shipped base is missing from {SHIPPED_BASE}; run `dreambooth-offset pretrain-base`")
-    train = {**(shipped_train if shipped else {}), **given_values(args, RunConfig, EXPERIMENT_TRAINER_KEYS),
+    shipped_train = next(train for _, s, _, train in EXPERIMENTS if s is schema) if shipped else {}
+    train = {**shipped_train, **given_values(args, RunConfig, EXPERIMENT_TRAINER_KEYS),
              **parse_settings(cfg.study.set)}
     return cfg, model, shipped, train
 
@@ -124,7 +125,7 @@ def run_brightness_range(args: argparse.Namespace) -> int:
     from dreambooth_offset.experiments.report import range_table
     from dreambooth_offset.experiments.runs import GUTTENBERG_PROMPTS, offset_variants
 
-    cfg, model, shipped, train = load(args, BrightnessRangeConfig, SHIPPED_RANGE_TRAIN)
+    cfg, model, shipped, train = load(args, BrightnessRangeConfig)
     opts, study = cfg.experiment, cfg.study
     own_data(opts.train_data_dir, "train_data_dir", shipped, "images with .txt captions, as in Guttenberg's "
              "fine-tune", caption_extension=".txt")

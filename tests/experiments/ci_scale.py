@@ -7,9 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+from dreambooth_offset.config.commands import PriorSetOptions
+from dreambooth_offset.experiments.commands import with_prior_set
 from dreambooth_offset.experiments.runs import offset_variants
-from dreambooth_offset.experiments.shipped import (SHIPPED_BASE, SHIPPED_PRIOR_SIZE, SHIPPED_RANGE_TRAIN, SHIPPED_SAMPLING,
-                                                   SHIPPED_TRAIN)
+from dreambooth_offset.experiments.shipped import SHIPPED_BASE, SHIPPED_RANGE_TRAIN, SHIPPED_SAMPLING, SHIPPED_TRAIN
 
 STEPS = 200  # the subject: a third of the default's 600; the learning rate still decays linearly to 0 over the run
 RANGE_STEPS = 100  # the brightness range: a quarter of its default's 400
@@ -23,7 +24,7 @@ def brightness_range(out: Path, seeds: tuple[int, ...] = (0,)):
     from dreambooth_offset.experiments import brightness_range as br
 
     data = br.write_training_set(out / "data" / "train", br.RangeConfig.num_train_images, br.SHIPPED_PROMPTS)
-    prior = shipped_prior(out, br.SHIPPED_PROMPTS)
+    prior = with_prior_set(PriorSetOptions(), True, {}, out, br.SHIPPED_PROMPTS)
     cfg = br.RangeConfig(model=str(SHIPPED_BASE), output_dir=out, variants=offset_variants((0.0, 0.1)), seeds=seeds,
                          train={**prior, **SHIPPED_RANGE_TRAIN, "max_train_steps": RANGE_STEPS}, prompts=RANGE_PROMPTS,
                          train_data_dir=str(data), **SHIPPED_SAMPLING)
@@ -34,21 +35,13 @@ def subject(out: Path, seeds: tuple[int, ...] = (0,)):
     from dreambooth_offset.config.recipe import shipped_recipe
     from dreambooth_offset.experiments import subject as sj
 
-    prior = shipped_prior(out, sj.SHIPPED_PROMPTS)
+    prior = with_prior_set(PriorSetOptions(), True, {}, out, sj.SHIPPED_PROMPTS)
     instance = sj.write_subject_images(out / "data" / "subject", sj.NUM_SUBJECT_IMAGES, shipped_recipe().resolution)
     cfg = sj.SubjectConfig(model=str(SHIPPED_BASE), output_dir=out, variants=offset_variants((0.0, 0.1)), seeds=seeds,
                            train={**prior, **SHIPPED_TRAIN, "max_train_steps": STEPS},
                            prompts=(sj.SHIPPED_PROMPTS[0], sj.SHIPPED_PROMPTS[2]),
                            instance_dir=instance, shape=True, **SHIPPED_SAMPLING)
     return sj.run_experiment(cfg)
-
-
-def shipped_prior(out: Path, prompts: tuple[str, ...]) -> dict:
-    """Trainer keys of the experiments' default prior set (256 images of the base's own data)."""
-    from dreambooth_offset.experiments.black_image import prior_keys
-    from dreambooth_offset.experiments.shipped import write_shipped_prior
-
-    return prior_keys(write_shipped_prior(out / "data" / "prior", SHIPPED_PRIOR_SIZE, list(prompts)))
 
 
 def by_seed(results: dict) -> dict:
