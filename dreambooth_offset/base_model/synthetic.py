@@ -153,6 +153,15 @@ def render_one(size: int, g: torch.Generator) -> tuple[Tensor, str]:
     return img, text
 
 
+def caption_kind(caption: str) -> str:
+    """Which of KINDS a caption of `render_one` describes (no colour or texture name contains
+    these words)."""
+    for kind, word in (("landscape", "landscape"), ("gradient", "gradient"), ("solid", "solid"), ("shape", "background")):
+        if word in caption:
+            return kind
+    return "texture"
+
+
 def make_batch(batch_size: int, size: int, generator: torch.Generator) -> CaptionedImages:
     """`batch_size` images (B, 3, size, size) in [0, 1] with captions, all from `generator`."""
     pairs = [render_one(size, generator) for _ in range(batch_size)]

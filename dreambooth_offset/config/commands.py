@@ -177,7 +177,8 @@ class RangeOptions(PriorSetOptions):
         None, "Images with .txt captions to fine-tune on (required for a base other than the shipped one, whose "
         "default is N images of its own training data spread over the brightness levels).")
     num_train_images: int = option(40, "Shipped base: training images drawn from its data, as many per brightness "
-                                       "level (Guttenberg's fine-tune used about 40).")
+                                       "level and, within a level, per kind of image (Guttenberg's fine-tune used "
+                                       "about 40).")
 
     def __post_init__(self) -> None:
         super().__post_init__()

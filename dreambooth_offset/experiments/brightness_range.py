@@ -52,15 +52,23 @@ class RangeConfig:
 
 def write_training_set(folder: Path, n: int, exclude: tuple[str, ...]) -> Path:
     """`n` images of the shipped base's own kind of data with their captions (`.txt` beside each),
-    as many from each of its five brightness levels, none captioned like an evaluated prompt."""
-    from dreambooth_offset.base_model.synthetic import LEVELS, render_one
+    none captioned like an evaluated prompt, spread evenly over its brightness levels and, within
+    each level, over its kinds of image, so that every kind is seen at every level (with only the
+    level drawn, 40 images left the shape kind with no mid-level caption, and the fine-tune pulled
+    the mid prompt towards its nearest, a bright one: docs/dark-and-bright.md)."""
+    from dreambooth_offset.base_model.synthetic import KINDS, LEVELS, caption_kind, render_one
     from dreambooth_offset.config.recipe import shipped_recipe
     from dreambooth_offset.sampling.images import to_pil
     from dreambooth_offset.sampling.metrics import mean_luminance
 
     g = torch.Generator().manual_seed(TRAIN_SEED)
     size, excluded = shipped_recipe().resolution, {p.lower() for p in exclude}
-    per_level = {i: n // len(LEVELS) + (i < n % len(LEVELS)) for i in range(len(LEVELS))}
+    # n // cells images per (level, kind); the rest of each level's share goes to kinds in turn,
+    # shifted by one per level, so that levels and kinds both stay within one image of even
+    cells = len(LEVELS) * len(KINDS)
+    per_level_extra = n % cells // len(LEVELS)
+    quota = {(i, k): n // cells + ((j - i) % len(KINDS) < per_level_extra + (i < n % cells % len(LEVELS)))
+             for i in range(len(LEVELS)) for j, k in enumerate(KINDS)}
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("train-*"):
         old.unlink()
@@ -69,9 +77,10 @@ def write_training_set(folder: Path, n: int, exclude: tuple[str, ...]) -> Path:
         image, caption = render_one(size, g)
         y = float(mean_luminance(image[None]))
         level = next(i for i, (_, lo, hi) in enumerate(LEVELS) if y < hi or i == len(LEVELS) - 1)
-        if caption.lower() in excluded or per_level[level] == 0:
+        cell = (level, caption_kind(caption))
+        if caption.lower() in excluded or quota[cell] == 0:
             continue
-        per_level[level] -= 1
+        quota[cell] -= 1
         to_pil(image[None])[0].save(folder / f"train-{written:03d}.png")
         (folder / f"train-{written:03d}.txt").write_text(caption + "\n")
         written += 1

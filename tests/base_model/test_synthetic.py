@@ -30,3 +30,13 @@ def test_same_seed_same_batch_and_known_words():
     assert torch.equal(a.images, b.images) and a.captions == b.captions
     words = set(synthetic.caption_words())
     assert all(w in words for c in batch(2).captions for w in c.split())
+
+
+def test_caption_kind_names_what_the_caption_draws():
+    kinds = {c: synthetic.caption_kind(c) for c in batch(3).captions}
+    assert set(kinds.values()) == set(synthetic.KINDS)
+    marks = {"shape": synthetic.SHAPES, "texture": synthetic.TEXTURES, "landscape": ("sky",), "gradient": ("from",),
+             "solid": ("image",)}
+    for caption, kind in kinds.items():
+        assert any(w in caption.split() for w in marks[kind]), (caption, kind)
+        assert not any(w in caption.split() for other, ws in marks.items() if other != kind for w in ws), (caption, kind)

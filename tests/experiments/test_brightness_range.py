@@ -10,7 +10,7 @@ from tests.tiny import write_images
 
 
 def test_the_shipped_training_set_spans_the_levels_and_leaves_out_the_evaluated_prompts(tmp_path):
-    from dreambooth_offset.base_model.synthetic import LEVELS
+    from dreambooth_offset.base_model.synthetic import KINDS, LEVELS, caption_kind
     from dreambooth_offset.sampling.metrics import mean_luminance
 
     folder = write_training_set(tmp_path / "train", 40, SHIPPED_PROMPTS)
@@ -19,9 +19,18 @@ def test_the_shipped_training_set_spans_the_levels_and_leaves_out_the_evaluated_
     assert len(images) == 40 and not {c.lower() for c in captions} & {p.lower() for p in SHIPPED_PROMPTS}
     y = [float(mean_luminance(torch.from_numpy(__import__("numpy").array(Image.open(p))).permute(2, 0, 1)[None]
                               .float() / 255)) for p in images]
-    per_level = [sum(lo <= v < hi + 0.01 for v in y) for _, lo, hi in LEVELS]
-    assert per_level == [8] * 5, per_level  # 8 per level (PNG rounding can move a mean by 1/510)
+    words = [w for w, _, _ in LEVELS]  # the level the caption names: longest match first ("very dark" before "dark")
+    level = [max((i for i, w in enumerate(words) if c.startswith((f"a {w} ", f"{w} "))), key=lambda i: len(words[i]),
+                 default=words.index("")) for c in captions]
+    assert [level.count(i) for i in range(len(LEVELS))] == [8] * 5, level  # 8 per level
+    # each image's mean luminance in its caption's range (PNG rounding can move a mean by 1/510)
+    assert all(LEVELS[lv][1] - 0.01 <= v < LEVELS[lv][2] + 0.01 for lv, v in zip(level, y)), list(zip(level, y))
     assert any("very dark" in c for c in captions) and any("very bright" in c for c in captions)
+    cells = {(lv, kind): [lv2 == lv and caption_kind(c) == kind for lv2, c in zip(level, captions)].count(True)
+             for lv in range(len(LEVELS)) for kind in KINDS}
+    assert sorted(cells.values()) == [1] * 10 + [2] * 15, cells  # every kind at every level, 40 over 25 cells
+    kinds = [sum(n for (_, kind), n in cells.items() if kind == k) for k in KINDS]
+    assert kinds == [8] * 5, kinds
     assert write_training_set(tmp_path / "train", 40, SHIPPED_PROMPTS) == folder  # the same set again
     assert [p.with_suffix(".txt").read_text().strip() for p in sorted(folder.glob("train-*.png"))] == captions
 
