@@ -3,6 +3,7 @@ then the images, captions, sizes, repeats and caption options of each source (`l
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -53,9 +54,8 @@ def check_inputs(cfg: RunConfig) -> Inputs:
     out = Path(cfg.train.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=out):  # a name of its own: every process of a launch checks at once
+            pass
     except OSError as err:
         raise UsageError(f"--output_dir {out}: not writable ({err.strerror})") from None
     resume = checkpoint.resolve_resume(out, cfg.train.resume_from_checkpoint)

@@ -104,3 +104,18 @@ def test_the_image_store_decodes_on_use_with_the_shapes_it_promised(tmp_path):
     assert store.shape(1) == (4, 16, 8)  # portrait after EXIF, short side 8, with the mask channel
     picked = store.select([1]).rgb()
     assert len(picked) == 1 and torch.equal(picked[0], decoded[1][:3]) and picked.shape(0) == (3, 16, 8)
+
+
+def test_the_output_folder_check_leaves_other_processes_files_alone(tiny_model, instance_dir, tmp_path):
+    """Every process of a multi-GPU launch checks the output folder at the same moment; with one
+    fixed probe name, one process could delete the probe another had just written (the two-process
+    test failed on it once). The check must neither need nor touch any name in the folder."""
+    from dreambooth_offset.config import load_config
+    from dreambooth_offset.training.inputs import check_inputs
+
+    out = tmp_path / "out"
+    (out / ".write-test").mkdir(parents=True)  # the old probe's name, taken
+    cfg = load_config(None, {"pretrained_model_name_or_path": str(tiny_model), "instance_data_dir": str(instance_dir),
+                             "instance_prompt": "a photo of sks dog", "output_dir": str(out)})
+    check_inputs(cfg)
+    assert [p.name for p in out.iterdir()] == [".write-test"]
