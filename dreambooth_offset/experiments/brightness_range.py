@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,12 +64,11 @@ def write_training_set(folder: Path, n: int, exclude: tuple[str, ...]) -> Path:
 
     g = torch.Generator().manual_seed(TRAIN_SEED)
     size, excluded = shipped_recipe().resolution, {p.lower() for p in exclude}
-    # n // cells images per (level, kind); the rest of each level's share goes to kinds in turn,
-    # shifted by one per level, so that levels and kinds both stay within one image of even
-    cells = len(LEVELS) * len(KINDS)
-    per_level_extra = n % cells // len(LEVELS)
-    quota = {(i, k): n // cells + ((j - i) % len(KINDS) < per_level_extra + (i < n % cells % len(LEVELS)))
-             for i in range(len(LEVELS)) for j, k in enumerate(KINDS)}
+    # (level, kind) cells filled one diagonal at a time (kind index - level index fixed), so that
+    # levels and kinds both stay within one image of even for any n
+    cells = sorted(((i, k) for i in range(len(LEVELS)) for k in KINDS),
+                   key=lambda c: ((KINDS.index(c[1]) - c[0]) % len(KINDS), c[0]))
+    quota = Counter(cells[m % len(cells)] for m in range(n))
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("train-*"):
         old.unlink()
