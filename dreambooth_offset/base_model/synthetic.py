@@ -48,6 +48,13 @@ class CaptionedImages(NamedTuple):
     captions: list[str]
 
 
+class Drawing(NamedTuple):
+    image: Tensor  # (3, S, S) in [0, 1]
+    caption: str
+    kind: str  # one of KINDS
+    level: str  # the caption word of its LEVELS entry ("" for the mid level)
+
+
 def caption_words() -> list[str]:
     """Every word a caption or prompt of the base can use (the tokenizer's vocabulary)."""
     words = set(EXTRA_WORDS) | set(COLOURS) | set(SHAPES) | set(TEXTURES)
@@ -113,8 +120,8 @@ def _set_luminance(img: Tensor, target: float) -> Tensor:
     return 1 - (1 - img) * ((1 - target) / max(1 - cur, 1e-6))
 
 
-def render_one(size: int, g: torch.Generator) -> tuple[Tensor, str]:
-    """One (3, size, size) image in [0, 1] and its caption."""
+def render_one(size: int, g: torch.Generator) -> Drawing:
+    """One (3, size, size) image in [0, 1], its caption, and the kind and level drawn for it."""
     kind = _pick(KINDS, g)
     level, lo, hi = _pick(LEVELS, g)
     c1, c2 = _pick(list(COLOURS), g), _pick(list(COLOURS), g)
@@ -150,19 +157,10 @@ def render_one(size: int, g: torch.Generator) -> tuple[Tensor, str]:
     img = _set_luminance(img.clamp(0, 1), target).clamp(0, 1)
     if level:
         text = f"a {level} {text[2:]}" if text.startswith("a ") else f"{level} {text}"
-    return img, text
-
-
-def caption_kind(caption: str) -> str:
-    """Which of KINDS a caption of `render_one` describes (no colour or texture name contains
-    these words)."""
-    for kind, word in (("landscape", "landscape"), ("gradient", "gradient"), ("solid", "solid"), ("shape", "background")):
-        if word in caption:
-            return kind
-    return "texture"
+    return Drawing(img, text, kind, level)
 
 
 def make_batch(batch_size: int, size: int, generator: torch.Generator) -> CaptionedImages:
     """`batch_size` images (B, 3, size, size) in [0, 1] with captions, all from `generator`."""
-    pairs = [render_one(size, generator) for _ in range(batch_size)]
-    return CaptionedImages(torch.stack([p[0] for p in pairs]), [p[1] for p in pairs])
+    drawn = [render_one(size, generator) for _ in range(batch_size)]
+    return CaptionedImages(torch.stack([d.image for d in drawn]), [d.caption for d in drawn])

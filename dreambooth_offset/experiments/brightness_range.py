@@ -57,30 +57,26 @@ def write_training_set(folder: Path, n: int, exclude: tuple[str, ...]) -> Path:
     each level, over its kinds of image, so that every kind is seen at every level (with only the
     level drawn, 40 images left the shape kind with no mid-level caption, and the fine-tune pulled
     the mid prompt towards its nearest, a bright one: docs/dark-and-bright.md)."""
-    from dreambooth_offset.base_model.synthetic import KINDS, LEVELS, caption_kind, render_one
+    from dreambooth_offset.base_model.synthetic import KINDS, LEVELS, render_one
     from dreambooth_offset.config.recipe import shipped_recipe
     from dreambooth_offset.sampling.images import to_pil
-    from dreambooth_offset.sampling.metrics import mean_luminance
 
     g = torch.Generator().manual_seed(TRAIN_SEED)
     size, excluded = shipped_recipe().resolution, {p.lower() for p in exclude}
     # (level, kind) cells filled one diagonal at a time (kind index - level index fixed), so that
     # levels and kinds both stay within one image of even for any n
-    cells = sorted(((i, k) for i in range(len(LEVELS)) for k in KINDS),
-                   key=lambda c: ((KINDS.index(c[1]) - c[0]) % len(KINDS), c[0]))
-    quota = Counter(cells[m % len(cells)] for m in range(n))
+    cells = sorted(((i, j) for i in range(len(LEVELS)) for j in range(len(KINDS))),
+                   key=lambda c: ((c[1] - c[0]) % len(KINDS), c[0]))
+    quota = Counter((LEVELS[i][0], KINDS[j]) for i, j in (cells[m % len(cells)] for m in range(n)))
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("train-*"):
         old.unlink()
     written = 0
     while written < n:
-        image, caption = render_one(size, g)
-        y = float(mean_luminance(image[None]))
-        level = next(i for i, (_, lo, hi) in enumerate(LEVELS) if y < hi or i == len(LEVELS) - 1)
-        cell = (level, caption_kind(caption))
-        if caption.lower() in excluded or quota[cell] == 0:
+        image, caption, kind, level = render_one(size, g)
+        if caption.lower() in excluded or quota[level, kind] == 0:
             continue
-        quota[cell] -= 1
+        quota[level, kind] -= 1
         to_pil(image[None])[0].save(folder / f"train-{written:03d}.png")
         (folder / f"train-{written:03d}.txt").write_text(caption + "\n")
         written += 1

@@ -54,7 +54,7 @@ def write_shipped_prior(folder: Path, n: int, exclude: list[str]) -> Path:
     recipe = shipped_recipe()
     images, captions = [], []
     while len(images) < n:
-        image, caption = render_one(recipe.resolution, g)
+        image, caption, _, _ = render_one(recipe.resolution, g)
         if caption.lower() in excluded:
             continue
         images += to_pil(image[None])

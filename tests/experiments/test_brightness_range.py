@@ -10,7 +10,8 @@ from tests.tiny import write_images
 
 
 def test_the_shipped_training_set_spans_the_levels_and_leaves_out_the_evaluated_prompts(tmp_path):
-    from dreambooth_offset.base_model.synthetic import KINDS, LEVELS, caption_kind
+    from dreambooth_offset.base_model.synthetic import KINDS, LEVELS
+    from tests.base_model.test_synthetic import kind_in_words
     from dreambooth_offset.sampling.metrics import mean_luminance
 
     folder = write_training_set(tmp_path / "train", 40, SHIPPED_PROMPTS)
@@ -26,7 +27,7 @@ def test_the_shipped_training_set_spans_the_levels_and_leaves_out_the_evaluated_
     # each image's mean luminance in its caption's range (PNG rounding can move a mean by 1/510)
     assert all(LEVELS[lv][1] - 0.01 <= v < LEVELS[lv][2] + 0.01 for lv, v in zip(level, y)), list(zip(level, y))
     assert any("very dark" in c for c in captions) and any("very bright" in c for c in captions)
-    cells = {(lv, kind): [lv2 == lv and caption_kind(c) == kind for lv2, c in zip(level, captions)].count(True)
+    cells = {(lv, kind): [lv2 == lv and kind_in_words(c) == kind for lv2, c in zip(level, captions)].count(True)
              for lv in range(len(LEVELS)) for kind in KINDS}
     assert sorted(cells.values()) == [1] * 10 + [2] * 15, cells  # every kind at every level, 40 over 25 cells
     kinds = [sum(n for (_, kind), n in cells.items() if kind == k) for k in KINDS]
