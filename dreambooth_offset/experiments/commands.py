@@ -15,16 +15,16 @@ from dreambooth_offset.config.commands import (
     SubjectExperimentConfig,
 )
 from dreambooth_offset.errors import UsageError
-from dreambooth_offset.experiments.shipped import (SHIPPED_BASE, SHIPPED_PRIOR_SIZE, SHIPPED_RANGE_TRAIN,
+from dreambooth_offset.experiments.shipped import (SHIPPED_BASE, SHIPPED_PRIOR_SIZE, SHIPPED_BRIGHTNESS_TRAIN,
                                                    SHIPPED_SAMPLING, SHIPPED_TRAIN)
 
 # (name, schema, summary, trainer settings on the shipped base)
 EXPERIMENTS = (
     ("black-image", BlackImageConfig, "Fine-tune on one solid black image without and with offset noise; compare "
-                                      "samples.", SHIPPED_TRAIN),
+                                      "samples.", SHIPPED_BRIGHTNESS_TRAIN),
     ("brightness-range", BrightnessRangeConfig, "Fine-tune on a small captioned set spread over the brightness levels "
                                                 "without and with offset noise; compare dark and bright prompts.",
-     SHIPPED_RANGE_TRAIN),
+     SHIPPED_BRIGHTNESS_TRAIN),
     ("subject", SubjectExperimentConfig, "DreamBooth a subject without and with offset noise; sample it alone, in a "
                                          "very dark and in a very bright scene; measure brightness and fidelity.",
      SHIPPED_TRAIN),

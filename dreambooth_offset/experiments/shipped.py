@@ -24,15 +24,17 @@ SHIPPED_TRAIN = {
                             "conv_shortcut", "proj_in", "proj_out"],
     "optimizer": "adamw",
 }
-# The brightness-range experiment's own changes (docs/dark-and-bright.md, "The default since
-# 2026-12-07"): the LoRA trained on timesteps 700-999 only, where the image's brightness is set and
-# the offset's signal lives, and on the text encoder too; 400 steps, as the prior rows (--prior_size)
-# double a step (350 were faster but missed a bar).
-SHIPPED_RANGE_TRAIN = {**SHIPPED_TRAIN, "max_train_steps": 400, "min_timestep": 700, "train_text_encoder": True}
+# The black-image and brightness-range experiments' changes (docs/dark-and-bright.md, "The default
+# since 2026-12-07", and docs/black-image-experiment.md): the LoRA trained on timesteps 700-999
+# only, where the image's brightness is set and the offset's signal lives, and on the text encoder
+# too, so the brightness comes from the caption; 400 steps, as the prior rows (--prior_size) double
+# a step. With all timesteps the black-image's offset run brightened the dark prompt and darkened
+# the bright one on every seed; here it darkens the one and brightens the other, as the data does.
+SHIPPED_BRIGHTNESS_TRAIN = {**SHIPPED_TRAIN, "max_train_steps": 400, "min_timestep": 700, "train_text_encoder": True}
 SHIPPED_SAMPLING = {"guidance_scale": 3.0, "num_inference_steps": 25}
 # Prior preservation with 256 images of the base's own training data: without it the one-image
 # fine-tune pulls every prompt towards the black one (docs/black-image-experiment.md). The black
-# image alone, Guttenberg's setup, is `--prior_size 0 --max_train_steps 400` (the regression test).
+# image alone, Guttenberg's setup, is `--prior_size 0`.
 SHIPPED_PRIOR_SIZE = 256
 PRIOR_SEED = 7
 

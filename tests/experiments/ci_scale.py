@@ -1,5 +1,5 @@
-"""The CI-scale configurations of the brightness-range and subject regression tests, shared by the
-tests and by the script that measured their bounds over training seeds (`python -m
+"""The CI-scale configurations of the black-image, brightness-range and subject regression tests,
+shared by the tests and by the script that measured their bounds over training seeds (`python -m
 tests.experiments.ci_scale OUT_DIR [NAME]`, which prints each seed's figures)."""
 from __future__ import annotations
 
@@ -7,17 +7,35 @@ import json
 import sys
 from pathlib import Path
 
+from dreambooth_offset.base_model.pretrain import PROFILE_PROMPTS
 from dreambooth_offset.config.commands import PriorSetOptions
 from dreambooth_offset.experiments.commands import with_prior_set
 from dreambooth_offset.experiments.runs import offset_variants
-from dreambooth_offset.experiments.shipped import SHIPPED_BASE, SHIPPED_RANGE_TRAIN, SHIPPED_SAMPLING, SHIPPED_TRAIN
+from dreambooth_offset.experiments.shipped import (SHIPPED_BASE, SHIPPED_BRIGHTNESS_TRAIN, SHIPPED_SAMPLING,
+                                                   SHIPPED_TRAIN)
 
 STEPS = 200  # the subject: a third of the default's 600; the learning rate still decays linearly to 0 over the run
 RANGE_STEPS = 100  # the brightness range: a quarter of its default's 400
+BLACK_STEPS = 200  # the black image: half its default's 400
+BLACK_IMAGE_PROMPTS = (PROFILE_PROMPTS[3],)  # the black image's bright prompt, beside the black one
 # Two of each experiment's prompts (sampling is about a third of a run's time); the brightness
 # range still trains on the default's 40 images (which leave out all five of its prompts).
 RANGE_PROMPTS = ("a very dark red circle on a blue background",
                  "a very bright landscape with a blue sky and green ground and a sun")
+
+
+def black_image(out: Path, seeds: tuple[int, ...] = (0,)):
+    """The default experiment (its prior set, the shipped settings) at BLACK_STEPS: the black and
+    bright prompts, no mechanism check."""
+    from dreambooth_offset.experiments import black_image as bi
+    from dreambooth_offset.experiments.shipped import SHIPPED_PRIOR_SIZE, write_shipped_prior
+
+    prior = write_shipped_prior(out / "data" / "prior", SHIPPED_PRIOR_SIZE, list(PROFILE_PROMPTS))  # as the default
+    cfg = bi.ExperimentConfig(model=str(SHIPPED_BASE), output_dir=out, variants=offset_variants((0.0, 0.1)),
+                              seeds=seeds, train={**SHIPPED_BRIGHTNESS_TRAIN, "max_train_steps": BLACK_STEPS},
+                              prompts=BLACK_IMAGE_PROMPTS, mechanism_check=False, prior_dir=str(prior),
+                              **SHIPPED_SAMPLING)
+    return bi.run_experiment(cfg)
 
 
 def brightness_range(out: Path, seeds: tuple[int, ...] = (0,)):
@@ -26,8 +44,8 @@ def brightness_range(out: Path, seeds: tuple[int, ...] = (0,)):
     data = br.write_training_set(out / "data" / "train", br.RangeConfig.num_train_images, br.SHIPPED_PROMPTS)
     prior = with_prior_set(PriorSetOptions(), True, {}, out, br.SHIPPED_PROMPTS)
     cfg = br.RangeConfig(model=str(SHIPPED_BASE), output_dir=out, variants=offset_variants((0.0, 0.1)), seeds=seeds,
-                         train={**prior, **SHIPPED_RANGE_TRAIN, "max_train_steps": RANGE_STEPS}, prompts=RANGE_PROMPTS,
-                         train_data_dir=str(data), **SHIPPED_SAMPLING)
+                         train={**prior, **SHIPPED_BRIGHTNESS_TRAIN, "max_train_steps": RANGE_STEPS},
+                         prompts=RANGE_PROMPTS, train_data_dir=str(data), **SHIPPED_SAMPLING)
     return br.run_experiment(cfg)
 
 
@@ -52,9 +70,9 @@ def by_seed(results: dict) -> dict:
     return out
 
 
-if __name__ == "__main__":  # python -m tests.experiments.ci_scale OUT_DIR [brightness-range | subject]
+if __name__ == "__main__":  # python -m tests.experiments.ci_scale OUT_DIR [black-image | brightness-range | subject]
     root, only = Path(sys.argv[1]), sys.argv[2:]
-    for name, run in (("brightness-range", brightness_range), ("subject", subject)):
+    for name, run in (("black-image", black_image), ("brightness-range", brightness_range), ("subject", subject)):
         if only and name not in only:
             continue
         results = run(root / name, (0, 1, 2))

@@ -1,44 +1,47 @@
-"""The black-image regression case (docs/science.md, "The black-image case") on the shipped base, through
-the real trainer: two LoRA fine-tunes on one solid black image, identical but for the noise.
+"""The black-image regression case (docs/science.md, "The black-image case") on the shipped base,
+through the real trainer: the default experiment's two LoRA fine-tunes on one solid black image with
+its 256-image prior set, timesteps 700-999 and the text encoder's LoRA, identical but for the noise,
+at CI scale (tests/experiments/ci_scale.py: 200 steps instead of 400; the black and bright
+prompts, no mechanism check), seed 0.
 
-Reduced from the default experiment: no prior preservation (the black image alone, Guttenberg's
-setup, which shows the effect in 400 steps instead of 600 with twice the rows per step), and only
-the black prompt sampled, without the mechanism check; otherwise the shipped settings, seed 0. The bounds
-come from the spread measured over training seeds 0-2 (docs/black-image-experiment.md), not from
-this seed's result. Measured 2026-11-28 with the shipped settings (rank 4, lr 2e-3 decaying
-linearly to 0, AdamW), black-prompt mean luminance, seeds 0 / 1 / 2: no offset
-0.417 / 0.398 / 0.418 (mean 0.411, std 0.009); offset 0.1: 0.063 / 0.044 / 0.049 (mean 0.052,
-std 0.008); gaps 0.354 / 0.354 / 0.369 (std 0.007). Slope of the output latents' channel means on
-the start noise's (within channels): no offset 3.08 / 3.01 / 3.13 (mean 3.07, std 0.05), offset
-1.50 / 1.20 / 1.14 (mean 1.28, std 0.16). Each bound is the worst seed's value moved by about one
-standard deviation over seeds.
+Measured 2026-12-07 over training seeds 0 / 1 / 2 with exactly this configuration (`python -m
+tests.experiments.ci_scale OUT black-image` with the dark prompt sampled too, which the test leaves
+out to save time; each prompt is sampled from the same start noises whatever the others), mean
+luminance: black prompt without offset 0.341 /
+0.447 / 0.418 (std 0.055), with offset 0.038 / 0.051 / 0.082 (std 0.023), gaps 0.303 / 0.396 /
+0.336 (std 0.047); the black prompt's slope drops with offset by 2.10 / 1.64 / 1.72 (std 0.25);
+the bright prompt with offset minus the base +0.036 / +0.104 / +0.141 (std 0.053). Each bound is
+the worst seed's value moved by about one standard deviation over seeds. The bright bound is the
+dark/bright-scenes rule (docs/dark-and-bright.md) in its direction: the default until 2026-12-07
+(all timesteps, the UNet's LoRA only) darkened the bright prompt with offset, by up to -0.25 at
+600 steps; with its settings this very configuration (seed 0, 200 steps) gives the black prompt
+0.388 without and 0.215 with offset, a slope drop of 0.71 and the bright prompt 0.049 below the
+base: it fails four of the five bounds. Not asserted: the dark prompt, which at 200 steps shows
+no direction yet (offset minus base -0.154 / +0.011 / +0.061; at the default 400 steps -0.15 to -0.43 on four seeds), the mid
+prompt, and the issue's absolute bars (docs/black-image-experiment.md).
 """
 import pytest
 
-from dreambooth_offset.experiments.shipped import SHIPPED_BASE, SHIPPED_SAMPLING, SHIPPED_TRAIN
-from dreambooth_offset.experiments.black_image import BLACK_PROMPT, ExperimentConfig, Variant, run_experiment
+from dreambooth_offset.experiments.black_image import BLACK_PROMPT
+from tests.experiments.ci_scale import BLACK_IMAGE_PROMPTS, black_image, by_seed
 
-NO_OFFSET_AT_LEAST = 0.38  # lowest seed 0.398 - 0.009
-OFFSET_AT_MOST = 0.08  # highest seed 0.063 + 0.008
-GAP_AT_LEAST = 0.34  # smallest seed gap 0.354 - 0.007
-NO_OFFSET_SLOPE_AT_LEAST = 2.95  # lowest seed 3.01 - 0.05
-OFFSET_SLOPE_AT_MOST = 1.7  # highest seed 1.50 + 0.16
+NO_OFFSET_AT_LEAST = 0.28  # lowest seed 0.341 - 0.055
+OFFSET_AT_MOST = 0.11  # highest seed 0.082 + 0.023
+GAP_AT_LEAST = 0.25  # smallest seed gap 0.303 - 0.047
+SLOPE_DROP_AT_LEAST = 1.35  # smallest drop 1.64 - 0.25
+BRIGHT_OVER_BASE_AT_LEAST = -0.02  # smallest seed +0.036 - 0.053
 
 
 @pytest.mark.slow
-def test_offset_noise_learns_black_where_plain_dreambooth_stays_grey(tmp_path):
-    cfg = ExperimentConfig(
-        model=str(SHIPPED_BASE), output_dir=tmp_path,
-        variants=(Variant("no_offset", {"noise_offset": 0.0}), Variant("offset", {"noise_offset": 0.1})),
-        seeds=(0,), train={**SHIPPED_TRAIN, "max_train_steps": 400}, prompts=(), num_images=8, mechanism_check=False,
-        **SHIPPED_SAMPLING,
-    )
-    results = run_experiment(cfg)
-    black = {r["name"]: r["prompts"][BLACK_PROMPT] for r in results["runs"]}
-    assert black["no_offset"]["mean_luminance"] >= NO_OFFSET_AT_LEAST, black
+def test_offset_noise_learns_black_and_leaves_the_bright_prompt_bright(tmp_path):
+    runs = by_seed(black_image(tmp_path))
+    base, plain, offset = runs[None]["base"], runs[0]["noise_offset=0"], runs[0]["noise_offset=0.1"]
+    black = {"no offset": plain[BLACK_PROMPT], "offset": offset[BLACK_PROMPT]}
+    assert black["no offset"]["mean_luminance"] >= NO_OFFSET_AT_LEAST, black
     assert black["offset"]["mean_luminance"] <= OFFSET_AT_MOST, black
-    assert black["no_offset"]["mean_luminance"] - black["offset"]["mean_luminance"] >= GAP_AT_LEAST, black
-    # the diagnostic: without offset the output's mean follows the start noise's mean; with offset
-    # it follows it well under half as much
-    assert black["no_offset"]["slope"] >= NO_OFFSET_SLOPE_AT_LEAST, black
-    assert black["offset"]["slope"] <= OFFSET_SLOPE_AT_MOST, black
+    assert black["no offset"]["mean_luminance"] - black["offset"]["mean_luminance"] >= GAP_AT_LEAST, black
+    # the diagnostic: without offset the output's mean follows the start noise's; with offset much less
+    assert black["no offset"]["slope"] - black["offset"]["slope"] >= SLOPE_DROP_AT_LEAST, black
+    bright = BLACK_IMAGE_PROMPTS[0]
+    gain = offset[bright]["mean_luminance"] - base[bright]["mean_luminance"]
+    assert gain >= BRIGHT_OVER_BASE_AT_LEAST, (bright, offset[bright], base[bright])
