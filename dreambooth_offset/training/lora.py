@@ -93,11 +93,22 @@ def lora_state_dicts(unet, text_encoder=None) -> tuple[dict, dict | None]:
     return adapter_state(unet), adapter_state(text_encoder)
 
 
+# Written into the file's adapter metadata even when equal to LoraConfig's defaults.
+CORE_ADAPTER_KEYS = ("r", "lora_alpha", "target_modules")
+
+
 def adapter_metadata(model) -> dict | None:
-    """The LoraConfig as a dict; diffusers stores it in the file so loading restores alpha/rank."""
+    """The LoraConfig as a dict, which diffusers stores in the file so that loading restores
+    alpha/rank: the core keys and every setting that differs from LoraConfig's default. Unset
+    settings stay out because loading calls `LoraConfig(**metadata)`, which an older peft refuses
+    for a field it does not know even when the value is None (peft 0.22 writes `astra_config`,
+    and peft 0.21 could not load the file)."""
     if model is None:
         return None
-    meta = model.peft_config["default"].to_dict()
+    config = model.peft_config["default"]
+    defaults = type(config)().to_dict()
+    meta = {k: v for k, v in config.to_dict().items()
+            if k in CORE_ADAPTER_KEYS or k not in defaults or v != defaults[k]}
     return {k: sorted(v) if isinstance(v, set) else v for k, v in meta.items()}
 
 

@@ -120,6 +120,27 @@ def test_text_encoder_lora_is_saved_and_loads(tiny_model, instance_dir, tmp_path
         torch.testing.assert_close(pipe.text_encoder(ids)[0], result.text_encoders[0].eval()(ids)[0], atol=1e-5, rtol=1e-5)
 
 
+def test_adapter_metadata_holds_only_set_fields_so_an_older_peft_loads_the_file(tiny_model, instance_dir, tmp_path):
+    # diffusers loads a file with LoraConfig(**metadata); a field an older peft does not know stops
+    # it even when unset (peft 0.22's astra_config = None under peft 0.21), so unset fields stay out
+    import json
+
+    from peft import LoraConfig
+    from safetensors import safe_open
+
+    from dreambooth_offset.training.lora import CORE_ADAPTER_KEYS
+
+    result = train(overrides(tiny_model, instance_dir, tmp_path / "out", train_text_encoder=True, rank=2))
+    with safe_open(result.lora_path, "pt") as f:
+        flat = json.loads(f.metadata()["lora_adapter_metadata"])
+    defaults = LoraConfig().to_dict()
+    for component in ("unet", "text_encoder"):
+        meta = {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith(component + ".")}
+        odd = {k: v for k, v in meta.items() if k not in CORE_ADAPTER_KEYS and k in defaults and v == defaults[k]}
+        assert not odd and meta["r"] == 2 and meta["target_modules"], (component, odd, meta)
+        assert LoraConfig(**meta).r == 2
+
+
 def test_optimizer_states(tiny_model, instance_dir, tmp_path):
     from diffusers import UNet2DConditionModel
 
