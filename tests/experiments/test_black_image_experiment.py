@@ -190,7 +190,8 @@ def test_shipped_default_keeps_prompts_with_the_bases_training_data(tmp_path, mo
     cfg = seen[-1]
     assert cfg.prior_dir == str(tmp_path / "r" / "data" / "prior")
     # the brightness range's settings: timesteps 700-999 and the text encoder (docs/black-image-experiment.md)
-    assert (cfg.train["max_train_steps"], cfg.train["min_timestep"], cfg.train["train_text_encoder"]) == (400, 700, True)
+    train = cfg.train
+    assert (train["max_train_steps"], train["min_timestep"], train["train_text_encoder"]) == (400, 700, True)
     assert len(list((tmp_path / "r" / "data" / "prior").glob("*.png"))) == SHIPPED_PRIOR_SIZE
     # --prior_size 0 is Guttenberg's setup, the black image alone; another prior set replaces the default
     assert main(["experiment", "black-image", "--output_dir", str(tmp_path / "s"), "--prior_size", "0"]) == 0

@@ -7,18 +7,18 @@ prompts, no mechanism check), seed 0.
 Measured 2026-12-07 over training seeds 0 / 1 / 2 with exactly this configuration (`python -m
 tests.experiments.ci_scale OUT black-image` with the dark prompt sampled too, which the test leaves
 out to save time; each prompt is sampled from the same start noises whatever the others), mean
-luminance: black prompt without offset 0.341 /
-0.447 / 0.418 (std 0.055), with offset 0.038 / 0.051 / 0.082 (std 0.023), gaps 0.303 / 0.396 /
-0.336 (std 0.047); the black prompt's slope drops with offset by 2.10 / 1.64 / 1.72 (std 0.25);
-the bright prompt with offset minus the base +0.036 / +0.104 / +0.141 (std 0.053). Each bound is
-the worst seed's value moved by about one standard deviation over seeds. The bright bound is the
-dark/bright-scenes rule (docs/dark-and-bright.md) in its direction: the default until 2026-12-07
-(all timesteps, the UNet's LoRA only) darkened the bright prompt with offset, by up to -0.25 at
-600 steps; with its settings this very configuration (seed 0, 200 steps) gives the black prompt
-0.388 without and 0.215 with offset, a slope drop of 0.71 and the bright prompt 0.049 below the
-base: it fails four of the five bounds. Not asserted: the dark prompt, which at 200 steps shows
-no direction yet (offset minus base -0.154 / +0.011 / +0.061; at the default 400 steps -0.15 to -0.43 on four seeds), the mid
-prompt, and the issue's absolute bars (docs/black-image-experiment.md).
+luminance: black prompt without offset 0.341 / 0.447 / 0.418 (std 0.055), with offset 0.038 / 0.051
+/ 0.082 (std 0.023), gaps 0.303 / 0.396 / 0.336 (std 0.047); the black prompt's slope drops with
+offset by 2.10 / 1.64 / 1.72 (std 0.25); the bright prompt with offset minus the base +0.036 /
++0.104 / +0.141 (std 0.053). Each bound is the worst seed's value moved by about one standard
+deviation over seeds. The bright bound is the dark/bright-scenes rule (docs/dark-and-bright.md) in
+its direction: the default until 2026-12-07 (all timesteps, the UNet's LoRA only) darkened the
+bright prompt with offset, by up to -0.25 at 600 steps; with its settings this very configuration
+(seed 0, 200 steps) gives the black prompt 0.388 without and 0.215 with offset, a slope drop of 0.71
+and the bright prompt 0.049 below the base: it fails four of the five bounds. Not asserted: the dark
+prompt, which at 200 steps shows no direction yet (offset minus base -0.154 / +0.011 / +0.061; at
+the default 400 steps -0.15 to -0.43 on four seeds), the mid prompt, and the issue's absolute bars
+(docs/black-image-experiment.md).
 """
 import pytest
 
