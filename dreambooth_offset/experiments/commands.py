@@ -15,8 +15,8 @@ from dreambooth_offset.config.commands import (
     SubjectExperimentConfig,
 )
 from dreambooth_offset.errors import UsageError
-from dreambooth_offset.experiments.shipped import (SHIPPED_BASE, SHIPPED_PRIOR_SIZE, SHIPPED_BRIGHTNESS_TRAIN,
-                                                   SHIPPED_SAMPLING, SHIPPED_TRAIN)
+from dreambooth_offset.experiments.shipped import (SHIPPED_BASE, SHIPPED_BRIGHTNESS_TRAIN, SHIPPED_PRIOR_SIZE,
+                                                   SHIPPED_SAMPLING, SHIPPED_SUBJECT_TRAIN)
 
 # (name, schema, summary, trainer settings on the shipped base)
 EXPERIMENTS = (
@@ -27,7 +27,7 @@ EXPERIMENTS = (
      SHIPPED_BRIGHTNESS_TRAIN),
     ("subject", SubjectExperimentConfig, "DreamBooth a subject without and with offset noise; sample it alone, in a "
                                          "very dark and in a very bright scene; measure brightness and fidelity.",
-     SHIPPED_TRAIN),
+     SHIPPED_SUBJECT_TRAIN),
 )
 
 

@@ -31,6 +31,11 @@ SHIPPED_TRAIN = {
 # a step. With all timesteps the black-image's offset run brightened the dark prompt and darkened
 # the bright one on every seed; here it darkens the one and brightens the other, as the data does.
 SHIPPED_BRIGHTNESS_TRAIN = {**SHIPPED_TRAIN, "max_train_steps": 400, "min_timestep": 700, "train_text_encoder": True}
+# The subject experiment's change (docs/dark-and-bright.md, "A subject in the dark and in the
+# light"): the UNet's LoRA trained on timesteps 300-999, where the scene's brightness is set, but
+# not only the highest (700-999 and the text encoder darkened the very dark scene so far that the
+# subject's shape faded there).
+SHIPPED_SUBJECT_TRAIN = {**SHIPPED_TRAIN, "min_timestep": 300}
 SHIPPED_SAMPLING = {"guidance_scale": 3.0, "num_inference_steps": 25}
 # Prior preservation with 256 images of the base's own training data: without it the one-image
 # fine-tune pulls every prompt towards the black one (docs/black-image-experiment.md). The black

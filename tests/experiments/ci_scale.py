@@ -12,7 +12,7 @@ from dreambooth_offset.config.commands import PriorSetOptions
 from dreambooth_offset.experiments.commands import with_prior_set
 from dreambooth_offset.experiments.runs import offset_variants
 from dreambooth_offset.experiments.shipped import (SHIPPED_BASE, SHIPPED_BRIGHTNESS_TRAIN, SHIPPED_SAMPLING,
-                                                   SHIPPED_TRAIN)
+                                                   SHIPPED_SUBJECT_TRAIN)
 
 STEPS = 200  # the subject: a third of the default's 600; the learning rate still decays linearly to 0 over the run
 RANGE_STEPS = 100  # the brightness range: a quarter of its default's 400
@@ -56,7 +56,7 @@ def subject(out: Path, seeds: tuple[int, ...] = (0,)):
     prior = with_prior_set(PriorSetOptions(), True, {}, out, sj.SHIPPED_PROMPTS)
     instance = sj.write_subject_images(out / "data" / "subject", sj.NUM_SUBJECT_IMAGES, shipped_recipe().resolution)
     cfg = sj.SubjectConfig(model=str(SHIPPED_BASE), output_dir=out, variants=offset_variants((0.0, 0.1)), seeds=seeds,
-                           train={**prior, **SHIPPED_TRAIN, "max_train_steps": STEPS},
+                           train={**prior, **SHIPPED_SUBJECT_TRAIN, "max_train_steps": STEPS},
                            prompts=(sj.SHIPPED_PROMPTS[0], sj.SHIPPED_PROMPTS[2]),
                            instance_dir=instance, shape=True, **SHIPPED_SAMPLING)
     return sj.run_experiment(cfg)

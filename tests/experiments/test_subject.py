@@ -94,3 +94,15 @@ def test_another_base_needs_the_subjects_images(tiny_model, tmp_path, capsys):
     assert main(["experiment", "subject", "--pretrained_model_name_or_path", str(tiny_model),
                  "--output_dir", str(tmp_path / "r")]) == 2
     assert "--instance_data_dir is required" in capsys.readouterr().err
+
+
+def test_shipped_default_trains_on_timesteps_300_and_up_with_the_prior_set(tmp_path, monkeypatch):
+    # docs/dark-and-bright.md, "A subject in the dark and in the light": the 0.15 bars on three seeds
+    from dreambooth_offset.experiments import subject
+
+    seen = []
+    monkeypatch.setattr(subject, "run_experiment", lambda cfg: seen.append(cfg) or {"runs": [], "wall_time_s": 0.0})
+    assert main(["experiment", "subject", "--output_dir", str(tmp_path / "r")]) == 0
+    train = seen[-1].train
+    assert (train["min_timestep"], train["max_train_steps"], train["with_prior_preservation"]) == (300, 600, True)
+    assert not train.get("train_text_encoder")
