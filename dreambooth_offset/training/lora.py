@@ -107,8 +107,7 @@ def adapter_metadata(model) -> dict | None:
         return None
     config = model.peft_config["default"]
     defaults = type(config)().to_dict()
-    meta = {k: v for k, v in config.to_dict().items()
-            if k in CORE_ADAPTER_KEYS or k not in defaults or v != defaults[k]}
+    meta = {k: v for k, v in config.to_dict().items() if k in CORE_ADAPTER_KEYS or v != defaults[k]}
     return {k: sorted(v) if isinstance(v, set) else v for k, v in meta.items()}
 
 
