@@ -116,8 +116,9 @@ def load_pipeline(model_cfg, lora: str | None = None, lora_scale: float = 1.0, z
         check_fits(modules, shapes, f"--lora {lora}", str(model_cfg.pretrained_model_name_or_path))
         try:
             pipe.load_lora_weights(str(file.parent), weight_name=file.name)
-        except (OSError, ValueError, KeyError) as err:
-            raise UsageError(f"--lora {lora}: cannot load it ({str(err).splitlines()[0]})") from None
+        except (OSError, ValueError, KeyError, TypeError) as err:  # TypeError: diffusers' LoraConfig(**metadata)
+            why = "; ".join(str(e).splitlines()[0] for e in (err, err.__cause__) if e is not None)
+            raise UsageError(f"--lora {lora}: cannot load it ({why})") from None
         if lora_scale != 1.0:
             pipe.fuse_lora(lora_scale=lora_scale)
     return pipe

@@ -45,3 +45,24 @@ def test_generate_bad_lora_path(tiny_model, tmp_path, capsys):
     code = main(["generate", "--pretrained_model_name_or_path", str(tiny_model), "--lora", str(tmp_path / "nope"),
                  "--prompt", "x", "--output_dir", str(tmp_path / "gen")])
     assert code == 2 and "nope" in capsys.readouterr().err
+
+
+def test_generate_names_a_lora_whose_metadata_this_peft_cannot_read(tiny_model, instance_dir, tmp_path, capsys):
+    # diffusers builds LoraConfig(**metadata): a field this peft does not know (a file from a newer
+    # peft) raises TypeError, which must come out as a one-line error naming the file
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    assert main(flags(tiny_model, instance_dir, tmp_path / "lora", max_train_steps=1)) == 0
+    path = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    adapter = json.loads(metadata["lora_adapter_metadata"])
+    metadata["lora_adapter_metadata"] = json.dumps({**adapter, "unet.a_field_from_the_future": 1})
+    save_file(load_file(path), path, metadata=metadata)
+    code = main(["generate", "--pretrained_model_name_or_path", str(tiny_model), "--lora", str(path),
+                 "--prompt", "x", "--num_images", "1", "--num_inference_steps", "1", "--output_dir", str(tmp_path / "gen")])
+    err = capsys.readouterr().err
+    assert code == 2 and str(path) in err and "a_field_from_the_future" in err and "Traceback" not in err
