@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from dreambooth_offset.config.fields import check_choices, option, section
 from dreambooth_offset.config.noise import LossConfig, NoiseConfig, check_zero_terminal_snr
+from dreambooth_offset.config.recipe import SHIPPED_PRIOR_SIZE
 from dreambooth_offset.config.data import DataConfig
 from dreambooth_offset.config.sections import AdapterConfig, ModelConfig, SamplingConfig, TrainConfig
 from dreambooth_offset.errors import UsageError
@@ -140,8 +141,8 @@ class ExperimentOptions:
         "its .txt file beside it, or the class prompt ('an image'; --set class_prompt=...) without one.")
     prior_size: int | None = option(
         None, "Shipped base only: prior preservation with N images of its own training data and their captions, "
-        "written to OUTPUT_DIR/data/prior (default 256 on the shipped base; 0: the black image alone, "
-        "Guttenberg's setup).")
+        f"written to OUTPUT_DIR/data/prior (default {SHIPPED_PRIOR_SIZE} on the shipped base; 0: the black image "
+        "alone, Guttenberg's setup).")
     output_preservation: bool = option(
         False, "Output preservation beside the prior set: each black-image row gets a twin at its own noisy input "
         "under the prior set's captions in turn, every other twin with the empty caption, regressed on the base's "
@@ -158,8 +159,8 @@ class ExperimentOptions:
 class PriorSetOptions:
     """The prior set of the brightness-range and subject experiments."""
 
-    prior_size: int = option(256, "Shipped base: prior preservation with N images of its own training data and "
-                                  "their captions (0: none).")
+    prior_size: int = option(SHIPPED_PRIOR_SIZE, "Shipped base: prior preservation with N images of its own "
+                                                 "training data and their captions (0: none).")
     prior_dir: str | None = option(
         None, "Prior preservation with your own class images (with .txt captions), instead of --prior_size.")
 

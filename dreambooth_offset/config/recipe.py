@@ -13,6 +13,9 @@ from dreambooth_offset.config.fields import option, section
 from dreambooth_offset.errors import UsageError
 
 SHIPPED_BASE = Path(__file__).resolve().parents[1] / "assets" / "base"
+# The experiments' prior set on the shipped base: this many images of its own training data
+# (experiments/shipped.py writes them; docs/black-image-experiment.md says why).
+SHIPPED_PRIOR_SIZE = 256
 
 
 @dataclass(frozen=True)

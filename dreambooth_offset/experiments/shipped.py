@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dreambooth_offset.config.recipe import SHIPPED_BASE  # noqa: F401  (the experiments' one import path)
+# the experiments' one import path for these
+from dreambooth_offset.config.recipe import SHIPPED_BASE, SHIPPED_PRIOR_SIZE  # noqa: F401
 
 # Fine-tune and sampling settings for the shipped base, from the search in docs/base-model.md and
 # docs/black-image-experiment.md: LoRA rank 4 on every linear and conv of the resnets and attention
@@ -37,10 +38,9 @@ SHIPPED_BRIGHTNESS_TRAIN = {**SHIPPED_TRAIN, "max_train_steps": 400, "min_timest
 # subject's shape faded there).
 SHIPPED_SUBJECT_TRAIN = {**SHIPPED_TRAIN, "min_timestep": 300}
 SHIPPED_SAMPLING = {"guidance_scale": 3.0, "num_inference_steps": 25}
-# Prior preservation with 256 images of the base's own training data: without it the one-image
-# fine-tune pulls every prompt towards the black one (docs/black-image-experiment.md). The black
-# image alone, Guttenberg's setup, is `--prior_size 0`.
-SHIPPED_PRIOR_SIZE = 256
+# Prior preservation with SHIPPED_PRIOR_SIZE images of the base's own training data: without it
+# the one-image fine-tune pulls every prompt towards the black one (docs/black-image-experiment.md).
+# The black image alone, Guttenberg's setup, is `--prior_size 0`.
 PRIOR_SEED = 7
 
 
