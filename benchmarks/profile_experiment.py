@@ -62,6 +62,15 @@ def top_ops(fn, n: int = 10) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=n)
 
 
+def under_report(value: str, report: Path) -> str:
+    """A data folder the report's training_config.json names: as recorded when it exists from here,
+    else the same folder under the report (the experiment records paths relative to where it ran)."""
+    path = Path(value)
+    if path.exists() or "data" not in path.parts:
+        return value
+    return str(report / Path(*path.parts[path.parts.index("data"):]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("report", type=Path, help="a black-image report folder (its runs/ and data/)")
@@ -77,7 +86,9 @@ def main() -> None:
           f"{args.mixed_precision or values.get('mixed_precision')}, channels_last {args.channels_last}, "
           f"torch_compile {args.torch_compile}")
     with tempfile.TemporaryDirectory() as tmp:
-        values.update(output_dir=tmp, max_train_steps=args.steps + 7, report_to="none")
+        values.update(output_dir=tmp, max_train_steps=args.steps + 7, report_to="none",
+                      **{k: under_report(values[k], args.report) for k in ("instance_data_dir", "class_data_dir")
+                         if values.get(k)})
         if args.mixed_precision:
             values["mixed_precision"] = args.mixed_precision
         values["torch_compile"] = args.torch_compile
