@@ -3,6 +3,7 @@ import torch
 
 from dreambooth_offset.base_model import synthetic
 from dreambooth_offset.sampling.metrics import luminance
+from tests.captions import KIND_WORDS, kind_in_words
 
 
 def batch(seed=0, n=300):
@@ -30,16 +31,6 @@ def test_same_seed_same_batch_and_known_words():
     assert torch.equal(a.images, b.images) and a.captions == b.captions
     words = set(synthetic.caption_words())
     assert all(w in words for c in batch(2).captions for w in c.split())
-
-
-# The words that name each kind in a caption: the tests' own reading of a caption, independent of
-# the renderer's code (no colour or level word is among them).
-KIND_WORDS = {"shape": synthetic.SHAPES, "texture": synthetic.TEXTURES, "landscape": ("sky",), "gradient": ("from",),
-              "solid": ("image",)}
-
-
-def kind_in_words(caption: str) -> str:
-    return next(kind for kind, words in KIND_WORDS.items() if set(words) & set(caption.split()))
 
 
 def test_the_drawn_kind_is_what_the_caption_names():

@@ -1,24 +1,25 @@
 """experiment brightness-range: its training set, its command and report (tiny base, seconds)."""
 import json
 
+import numpy as np
 import torch
 from PIL import Image
 
 from dreambooth_offset.cli import main
 from dreambooth_offset.experiments.brightness_range import SHIPPED_PROMPTS, write_training_set
+from tests.captions import kind_in_words
 from tests.tiny import write_images
 
 
 def test_the_shipped_training_set_spans_the_levels_and_leaves_out_the_evaluated_prompts(tmp_path):
     from dreambooth_offset.base_model.synthetic import KINDS, LEVELS
-    from tests.base_model.test_synthetic import kind_in_words
     from dreambooth_offset.sampling.metrics import mean_luminance
 
     folder = write_training_set(tmp_path / "train", 40, SHIPPED_PROMPTS)
     images = sorted(folder.glob("train-*.png"))
     captions = [p.with_suffix(".txt").read_text().strip() for p in images]
     assert len(images) == 40 and not {c.lower() for c in captions} & {p.lower() for p in SHIPPED_PROMPTS}
-    y = [float(mean_luminance(torch.from_numpy(__import__("numpy").array(Image.open(p))).permute(2, 0, 1)[None]
+    y = [float(mean_luminance(torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1)[None]
                               .float() / 255)) for p in images]
     words = [w for w, _, _ in LEVELS]  # the level the caption names: longest match first ("very dark" before "dark")
     level = [max((i for i, w in enumerate(words) if c.startswith((f"a {w} ", f"{w} "))), key=lambda i: len(words[i]),
