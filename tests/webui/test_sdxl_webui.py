@@ -42,7 +42,7 @@ def test_every_sdxl_module_maps_to_exactly_one_sgm_name_and_back():
 
 
 @pytest.fixture(scope="module")
-def trained_sdxl(tiny_sdxl, tmp_path_factory, peft_ok):
+def trained_sdxl(tiny_sdxl, tmp_path_factory):
     """The tiny SDXL with random (non-zero) LoRA on UNet attention + convs and both text encoders,
     saved by the trainer's `save_lora`."""
     from diffusers import StableDiffusionXLPipeline

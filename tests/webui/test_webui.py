@@ -24,7 +24,7 @@ def fresh_pipeline(model_dir):
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_model, tmp_path_factory, peft_ok):
+def trained(tiny_model, tmp_path_factory):
     """A pipeline with random (non-zero) LoRA on UNet attention + convs and the text encoder,
     saved by the trainer's own `save_lora` (diffusers' file, LoraConfigs in its metadata)."""
     from peft import LoraConfig
@@ -55,7 +55,7 @@ def modules_of(source):
     return webui_convert.modules_from_diffusers(tensors, webui_file.adapter_metadata(header), None, source)
 
 
-def test_export_loads_in_diffusers_with_the_trained_outputs_and_imports_back(trained, tiny_model, tmp_path, peft_ok):
+def test_export_loads_in_diffusers_with_the_trained_outputs_and_imports_back(trained, tiny_model, tmp_path):
     pipe, folder, _ = trained
     out = tmp_path / "sks.safetensors"
     assert main(["export", str(folder), "-o", str(out), "--base", "sd_v1"]) == 0
