@@ -50,8 +50,6 @@ def test_generate_bad_lora_path(tiny_model, tmp_path, capsys):
 def test_generate_names_a_lora_whose_metadata_this_peft_cannot_read(tiny_model, instance_dir, tmp_path, capsys):
     # diffusers builds LoraConfig(**metadata): a field this peft does not know (a file from a newer
     # peft) raises TypeError, which must come out as a one-line error naming the file
-    import json
-
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
