@@ -31,6 +31,11 @@ class PromptStats:
     bright_fraction: float  # mean fraction of pixels with luminance > 0.95
     slope: float  # of the output latents' channel means on the start noise's, within channels
     r2: float
+    # each image's mean luminance in start-noise order: the runs of a study sample the same start
+    # noises (the black image's mechanism check apart, which starts from the leak), so a run minus
+    # the base can be taken per noise, a paired difference with a far smaller standard error than
+    # either run's spread (docs/dark-and-bright.md, "The mid prompt over 64 start noises")
+    per_sample_luminance: tuple[float, ...]
 
 
 def within_channel(means: Tensor) -> Tensor:
@@ -54,11 +59,12 @@ def prompt_stats(images: Tensor, start_latents: Tensor, final_latents: Tensor) -
         bright_fraction=float(bright_fraction(images).mean()),
         slope=slope,
         r2=r2,
+        per_sample_luminance=tuple(lum.tolist()),
     )
 
 
-def stats_dict(stats: PromptStats) -> dict[str, float]:
-    return {k: round(v, 4) for k, v in asdict(stats).items()}
+def stats_dict(stats: PromptStats) -> dict[str, float | list[float]]:
+    return {k: [round(x, 4) for x in v] if isinstance(v, tuple) else round(v, 4) for k, v in asdict(stats).items()}
 
 
 def markdown_table(rows: list[dict], prompts: list[str]) -> str:
@@ -114,7 +120,8 @@ def range_table(rows: list[dict], prompts: list[str]) -> str:
             if not stats:
                 cells.append("-")
                 continue
-            mean = {key: sum(s[key] for s in stats) / len(stats) for key in stats[0]}
+            mean = {key: sum(s[key] for s in stats) / len(stats)
+                    for key in ("mean_luminance", "dark_fraction", "bright_fraction", "slope")}
             lum = torch.tensor([s["mean_luminance"] for s in stats])
             spread = float(lum.std(unbiased=False)) if len(stats) > 1 else stats[0]["std"]
             cells.append(f"{mean['mean_luminance']:.3f} +- {spread:.3f} (<0.05: {mean['dark_fraction']:.2f}, "
