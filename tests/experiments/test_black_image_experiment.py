@@ -7,6 +7,7 @@ import torch
 
 from dreambooth_offset.cli import main
 from dreambooth_offset.experiments.report import fit_line, prompt_stats
+from tests.experiments.stats_schema import check_prompt_stats
 
 
 def test_fit_line_slope_and_r2():
@@ -46,10 +47,7 @@ def test_report_files_and_schema(family, request, tmp_path, capsys):
     assert names == ["base", "noise_offset=0", "noise_offset=0, start from the leak", "noise_offset=0.1"]
     for run in results["runs"]:
         for stats in run["prompts"].values():
-            assert set(stats) == {"mean_luminance", "std", "dark_fraction", "bright_fraction", "slope", "r2",
-                                  "per_sample_luminance"}
-            per_sample = stats["per_sample_luminance"]  # one per start noise, 4 decimals like the mean
-            assert len(per_sample) == 2 and abs(sum(per_sample) / 2 - stats["mean_luminance"]) <= 1e-4
+            check_prompt_stats(stats, num_images=2)
     offsets = {r["name"]: r["noise_offset"] for r in results["runs"]}
     assert offsets["noise_offset=0"] == 0.0 and offsets["noise_offset=0.1"] == 0.1
     runs = json.loads((out / "runs" / "noise_offset=0.1-seed0" / "training_config.json").read_text())

@@ -8,6 +8,7 @@ from PIL import Image
 from dreambooth_offset.cli import main
 from dreambooth_offset.experiments.brightness_range import SHIPPED_PROMPTS, write_training_set
 from tests.captions import kind_in_words
+from tests.experiments.stats_schema import check_prompt_stats
 from tests.tiny import write_images
 
 
@@ -53,10 +54,7 @@ def test_report_in_guttenbergs_shape(tiny_model, tmp_path, capsys):
     for run in results["runs"]:
         assert set(run["prompts"]) == {"a dark photo of sks dog", "a bright photo of sks dog"}
         for stats in run["prompts"].values():
-            assert set(stats) == {"mean_luminance", "std", "dark_fraction", "bright_fraction", "slope", "r2",
-                                  "per_sample_luminance"}
-            per_sample = stats["per_sample_luminance"]  # one per start noise, 4 decimals like the mean
-            assert len(per_sample) == 2 and abs(sum(per_sample) / 2 - stats["mean_luminance"]) <= 1e-4
+            check_prompt_stats(stats, num_images=2)
     trained = json.loads((out / "runs" / "noise_offset=0.1-seed0" / "training_config.json").read_text())
     assert trained["instance_data_dir"] == str(data) and trained["caption_extension"] == ".txt"
     assert trained["noise_offset"] == 0.1
