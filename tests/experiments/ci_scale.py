@@ -11,8 +11,8 @@ from dreambooth_offset.base_model.pretrain import PROFILE_PROMPTS
 from dreambooth_offset.config.commands import PriorSetOptions
 from dreambooth_offset.experiments.commands import with_prior_set
 from dreambooth_offset.experiments.runs import offset_variants
-from dreambooth_offset.experiments.shipped import (SHIPPED_BASE, SHIPPED_BRIGHTNESS_TRAIN, SHIPPED_SAMPLING,
-                                                   SHIPPED_SUBJECT_TRAIN)
+from dreambooth_offset.experiments.shipped import (SHIPPED_BASE, SHIPPED_BRIGHTNESS_TRAIN, SHIPPED_PRIOR_SIZE,
+                                                   SHIPPED_SAMPLING, SHIPPED_SUBJECT_TRAIN, write_shipped_prior)
 
 STEPS = 200  # the subject: a third of the default's 600; the learning rate still decays linearly to 0 over the run
 RANGE_STEPS = 100  # the brightness range: a quarter of its default's 400
@@ -28,7 +28,6 @@ def black_image(out: Path, seeds: tuple[int, ...] = (0,)):
     """The default experiment (its prior set, the shipped settings) at BLACK_STEPS: the black and
     bright prompts, no mechanism check."""
     from dreambooth_offset.experiments import black_image as bi
-    from dreambooth_offset.experiments.shipped import SHIPPED_PRIOR_SIZE, write_shipped_prior
 
     prior = write_shipped_prior(out / "data" / "prior", SHIPPED_PRIOR_SIZE, list(PROFILE_PROMPTS))  # as the default
     cfg = bi.ExperimentConfig(model=str(SHIPPED_BASE), output_dir=out, variants=offset_variants((0.0, 0.1)),
