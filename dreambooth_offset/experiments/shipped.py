@@ -35,8 +35,9 @@ SHIPPED_BRIGHTNESS_TRAIN = {**SHIPPED_TRAIN, "max_train_steps": 400, "min_timest
 # The subject experiment's change (docs/dark-and-bright.md, "A subject in the dark and in the
 # light"): the UNet's LoRA trained on timesteps 300-999, where the scene's brightness is set, but
 # not only the highest (700-999 and the text encoder darkened the very dark scene so far that the
-# subject's shape faded there).
-SHIPPED_SUBJECT_TRAIN = {**SHIPPED_TRAIN, "min_timestep": 300}
+# subject's shape faded there); 500 steps at 2.4e-3, the 600 steps' total step size (lr x steps / 2), as
+# 600 steps took the command past its 5 minutes on slower hours of a 2-core CPU.
+SHIPPED_SUBJECT_TRAIN = {**SHIPPED_TRAIN, "min_timestep": 300, "max_train_steps": 500, "learning_rate": 2.4e-3}
 SHIPPED_SAMPLING = {"guidance_scale": 3.0, "num_inference_steps": 25}
 # Prior preservation with SHIPPED_PRIOR_SIZE images of the base's own training data: without it
 # the one-image fine-tune pulls every prompt towards the black one (docs/black-image-experiment.md).

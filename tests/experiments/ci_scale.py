@@ -14,7 +14,7 @@ from dreambooth_offset.experiments.runs import offset_variants
 from dreambooth_offset.experiments.shipped import (SHIPPED_BASE, SHIPPED_BRIGHTNESS_TRAIN, SHIPPED_PRIOR_SIZE,
                                                    SHIPPED_SAMPLING, SHIPPED_SUBJECT_TRAIN, write_shipped_prior)
 
-STEPS = 200  # the subject: a third of the default's 600; the learning rate still decays linearly to 0 over the run
+STEPS = 200  # the subject: two fifths of the default's 500; the learning rate still decays linearly to 0 over the run
 RANGE_STEPS = 100  # the brightness range: a quarter of its default's 400
 BLACK_STEPS = 200  # the black image: half its default's 400
 BLACK_IMAGE_PROMPTS = (PROFILE_PROMPTS[3],)  # the black image's bright prompt, beside the black one

@@ -104,5 +104,5 @@ def test_shipped_default_trains_on_timesteps_300_and_up_with_the_prior_set(tmp_p
     monkeypatch.setattr(subject, "run_experiment", lambda cfg: seen.append(cfg) or {"runs": [], "wall_time_s": 0.0})
     assert main(["experiment", "subject", "--output_dir", str(tmp_path / "r")]) == 0
     train = seen[-1].train
-    assert (train["min_timestep"], train["max_train_steps"], train["with_prior_preservation"]) == (300, 600, True)
+    assert (train["min_timestep"], train["max_train_steps"], train["with_prior_preservation"]) == (300, 500, True)
     assert not train.get("train_text_encoder")
