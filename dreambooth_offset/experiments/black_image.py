@@ -29,6 +29,9 @@ from dreambooth_offset.experiments.runs import (  # noqa: F401  (Variant: the ex
 )
 from dreambooth_offset.sampling.generate import generate
 
+# The mechanism check's row: the first no-offset run sampled again from its training-time leak
+LEAK_SUFFIX = ", start from the leak"
+
 
 @dataclass(frozen=True)
 class ExperimentConfig:
@@ -146,7 +149,7 @@ def mechanism_check(shared: RunInputs, seed: int, variant: Variant, pipe, row: d
     if variant.overrides != {"noise_offset": 0.0} or seed != study.seeds[0] or pipe.scheduler.init_noise_sigma != 1:
         return []
     leak = leak_starts(pipe, Path(study.train["instance_data_dir"]), study.num_inference_steps, shared.starts)
-    return [({**row, "name": f"{row['name']}, start from the leak", "train_seconds": 0.0},
+    return [({**row, "name": row["name"] + LEAK_SUFFIX, "train_seconds": 0.0},
              sample_prompts(pipe, study, leak, prompts=study.prompts[:1]))]
 
 
@@ -216,6 +219,9 @@ def write_report(out: Path, cfg: ExperimentConfig, results: dict, samples: dict)
         f"brightness off the start noise shows up to 1/a_T = {1 / a_t:.1f} (less when it shrinks its reading toward "
         f"the data's mean; compare the base's row), one that learned the brightness about 0.", "",
         report.markdown_table(results["runs"], prompts), "",
+        "## Difference from the base, per start noise", "",
+        report.PAIRED_NOTE + " The run started from the leak is left out: its start noises are not the base's.", "",
+        report.paired_table([r for r in results["runs"] if not r["name"].endswith(LEAK_SUFFIX)], prompts), "",
         "## Images", "",
         "Rows, top to bottom: " + ", ".join(samples) + ". Columns: sampling seeds.", "",
     ]

@@ -61,6 +61,8 @@ def test_report_files_and_schema(family, request, tmp_path, capsys):
     assert results["settings"]["prior_prompts"] == ["a photo of a dog", ""]
     for name in ("report.md", "grid-0.png", "grid-1.png", "histogram.png"):
         assert (out / name).is_file()
+    paired = (out / "report.md").read_text().split("## Difference from the base, per start noise")[1]
+    assert "| noise_offset=0.1 | 0 |" in paired and "start from the leak |" not in paired  # not the base's starts
 
 
 @pytest.mark.slow

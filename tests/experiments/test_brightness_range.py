@@ -60,6 +60,18 @@ def test_report_in_guttenbergs_shape(tiny_model, tmp_path, capsys):
     assert trained["noise_offset"] == 0.1
     for name in ("report.md", "grid-0.png", "grid-1.png", "histogram-0.png", "histogram-1.png"):
         assert (out / name).is_file()
+    paired = (out / "report.md").read_text().split("## Difference from the base, per start noise")[1]
+    assert "| noise_offset=0 | 0 |" in paired and "| noise_offset=0.1 | 0 |" in paired and "| base |" not in paired
+
+
+def test_paired_table_takes_each_run_minus_the_base_per_start_noise():
+    from dreambooth_offset.experiments.report import paired_table
+
+    rows = [{"name": "base", "seed": None, "prompts": {"p": {"per_sample_luminance": [0.5, 0.6, 0.7]},
+                                                       "q": {"per_sample_luminance": [0.2, 0.2, 0.2]}}},
+            {"name": "run", "seed": 3, "prompts": {"p": {"per_sample_luminance": [0.6, 0.6, 0.9]}}}]
+    # differences 0.1, 0.0, 0.2: mean 0.1, standard deviation 0.1, standard error 0.1 / sqrt(3)
+    assert paired_table(rows, ["p", "q"]).splitlines()[2] == "| run | 3 | +0.100 +- 0.058 | - |"
 
 
 def test_another_base_needs_its_training_images(tiny_model, tmp_path, capsys):
