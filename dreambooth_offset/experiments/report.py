@@ -130,12 +130,15 @@ def range_table(rows: list[dict], prompts: list[str]) -> str:
     return "\n".join(lines)
 
 
+PAIRED_NOTE = ("Each fine-tune minus the base, per prompt, paired by start noise: the mean of the per-sample "
+               "differences +- its standard error. A bar such as 'within 0.05 of the base' is read here, with that "
+               "error.")
+
+
 def paired_table(rows: list[dict], prompts: list[str]) -> str:
-    """Each fine-tune minus the base, per prompt, paired by start noise: the mean of the per-sample
-    differences +- its standard error (their standard deviation / sqrt(n)). Every row must have
-    been sampled from the base's start noises (docs/dark-and-bright.md, "The mid prompt over 64
-    start noises": about a tenth of either run's own spread for a run that follows its start noise
-    as the base does, a quarter for one that does not)."""
+    """PAIRED_NOTE's table; every row must have been sampled from the base's start noises. Pairing
+    removes what the start noise does to both runs (docs/dark-and-bright.md, "The mid prompt over 64
+    start noises")."""
     base = next(r for r in rows if r["name"] == "base")
     lines = ["| run | train seed | " + " | ".join(prompts) + " |", "|---" * (2 + len(prompts)) + "|"]
     for row in rows:
@@ -151,11 +154,6 @@ def paired_table(rows: list[dict], prompts: list[str]) -> str:
             cells.append(f"{d.mean():+.3f} +- {d.std() / len(d) ** 0.5:.3f}")
         lines.append(f"| {row['name']} | {row['seed']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-PAIRED_NOTE = ("Each fine-tune minus the base, per prompt, paired by start noise: the mean of the per-sample "
-               "differences +- its standard error. A bar such as 'within 0.05 of the base' is read here, with that "
-               "error.")
 
 
 def save_grid(path: Path, labelled_rows: list[tuple[str, Tensor]]) -> None:

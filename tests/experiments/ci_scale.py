@@ -14,7 +14,7 @@ from dreambooth_offset.experiments.runs import offset_variants
 from dreambooth_offset.experiments.shipped import (SHIPPED_BASE, SHIPPED_BRIGHTNESS_TRAIN, SHIPPED_PRIOR_SIZE,
                                                    SHIPPED_SAMPLING, SHIPPED_SUBJECT_TRAIN, write_shipped_prior)
 
-STEPS = 200  # the subject: two fifths of the default's 500; the learning rate still decays linearly to 0 over the run
+SUBJECT_STEPS = 200  # the subject: two fifths of the default's 500; the learning rate still decays linearly to 0 over the run
 RANGE_STEPS = 100  # the brightness range: a quarter of its default's 400
 BLACK_STEPS = 200  # the black image: half its default's 400
 BLACK_IMAGE_PROMPTS = (PROFILE_PROMPTS[3],)  # the black image's bright prompt, beside the black one
@@ -55,7 +55,7 @@ def subject(out: Path, seeds: tuple[int, ...] = (0,)):
     prior = with_prior_set(PriorSetOptions(), True, {}, out, sj.SHIPPED_PROMPTS)
     instance = sj.write_subject_images(out / "data" / "subject", sj.NUM_SUBJECT_IMAGES, shipped_recipe().resolution)
     cfg = sj.SubjectConfig(model=str(SHIPPED_BASE), output_dir=out, variants=offset_variants((0.0, 0.1)), seeds=seeds,
-                           train={**prior, **SHIPPED_SUBJECT_TRAIN, "max_train_steps": STEPS},
+                           train={**prior, **SHIPPED_SUBJECT_TRAIN, "max_train_steps": SUBJECT_STEPS},
                            prompts=(sj.SHIPPED_PROMPTS[0], sj.SHIPPED_PROMPTS[2]),
                            instance_dir=instance, shape=True, **SHIPPED_SAMPLING)
     return sj.run_experiment(cfg)
