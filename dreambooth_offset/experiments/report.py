@@ -135,22 +135,24 @@ PAIRED_NOTE = ("Each fine-tune minus the base, per prompt, paired by start noise
                "error.")
 
 
-def paired_table(rows: list[dict], prompts: list[str]) -> str:
-    """PAIRED_NOTE's table; every row must have been sampled from the base's start noises. Pairing
-    removes what the start noise does to both runs (docs/dark-and-bright.md, "The mid prompt over 64
-    start noises")."""
-    base = next(r for r in rows if r["name"] == "base")
+def paired_table(rows: list[dict], prompts: list[str], against: str = "base") -> str:
+    """PAIRED_NOTE's table: each run minus the run named `against` of its own training seed (the
+    base, which has none), per prompt; every row must have been sampled from the same start noises.
+    Pairing removes what the start noise does to both runs (docs/dark-and-bright.md, "The mid prompt
+    over 64 start noises")."""
+    reference = {r["seed"]: r for r in rows if r["name"] == against}
     lines = ["| run | train seed | " + " | ".join(prompts) + " |", "|---" * (2 + len(prompts)) + "|"]
     for row in rows:
-        if row is base:
+        ref = reference.get(row["seed"], reference.get(None))
+        if row["name"] in ("base", against) or ref is None:
             continue
         cells = []
         for prompt in prompts:
-            if prompt not in row["prompts"]:
+            if prompt not in row["prompts"] or prompt not in ref["prompts"]:
                 cells.append("-")
                 continue
             d = (torch.tensor(row["prompts"][prompt]["per_sample_luminance"], dtype=torch.float64)
-                 - torch.tensor(base["prompts"][prompt]["per_sample_luminance"], dtype=torch.float64))
+                 - torch.tensor(ref["prompts"][prompt]["per_sample_luminance"], dtype=torch.float64))
             cells.append(f"{d.mean():+.3f} +- {d.std() / len(d) ** 0.5:.3f}")
         lines.append(f"| {row['name']} | {row['seed']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -74,6 +74,19 @@ def test_paired_table_takes_each_run_minus_the_base_per_start_noise():
     assert paired_table(rows, ["p", "q"]).splitlines()[2] == "| run | 3 | +0.100 +- 0.058 | - |"
 
 
+def test_paired_table_against_another_run_pairs_each_seed_with_its_own():
+    from dreambooth_offset.experiments.report import paired_table
+
+    def row(name, seed, values):
+        return {"name": name, "seed": seed, "prompts": {"p": {"per_sample_luminance": values}}}
+
+    rows = [row("base", None, [0.5, 0.5]), row("off", 0, [0.4, 0.6]), row("on", 0, [0.2, 0.4]),
+            row("off", 1, [0.7, 0.7]), row("on", 1, [0.8, 0.9])]
+    lines = paired_table(rows, ["p"], against="off").splitlines()
+    # seed 0: -0.2, -0.2 (standard error 0); seed 1: +0.1, +0.2 (standard deviation 0.0707, error 0.05)
+    assert lines[2:] == ["| on | 0 | -0.200 +- 0.000 |", "| on | 1 | +0.150 +- 0.050 |"]
+
+
 def test_another_base_needs_its_training_images(tiny_model, tmp_path, capsys):
     assert main(["experiment", "brightness-range", "--pretrained_model_name_or_path", str(tiny_model),
                  "--output_dir", str(tmp_path / "r")]) == 2
