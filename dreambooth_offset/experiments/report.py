@@ -136,8 +136,8 @@ PAIRED_NOTE = ("Each fine-tune minus the base, per prompt, paired by start noise
 
 
 def paired_table(rows: list[dict], prompts: list[str], against: str = "base") -> str:
-    """PAIRED_NOTE's table: each run minus the run named `against` of its own training seed (the
-    base, which has none), per prompt; every row must have been sampled from the same start noises.
+    """Each run minus the run named `against` of its own training seed (the base, which has none;
+    PAIRED_NOTE says so), per prompt; every row must have been sampled from the same start noises.
     Pairing removes what the start noise does to both runs (docs/dark-and-bright.md, "The mid prompt
     over 64 start noises")."""
     reference = {r["seed"]: r for r in rows if r["name"] == against}
