@@ -219,9 +219,8 @@ def write_report(out: Path, cfg: ExperimentConfig, results: dict, samples: dict)
         f"brightness off the start noise shows up to 1/a_T = {1 / a_t:.1f} (less when it shrinks its reading toward "
         f"the data's mean; compare the base's row), one that learned the brightness about 0.", "",
         report.markdown_table(results["runs"], prompts), "",
-        "## Difference from the base, per start noise", "",
-        report.PAIRED_NOTE + " The run started from the leak is left out: its start noises are not the base's.", "",
-        report.paired_table([r for r in results["runs"] if not r["name"].endswith(LEAK_SUFFIX)], prompts), "",
+        *report.paired_section([r for r in results["runs"] if not r["name"].endswith(LEAK_SUFFIX)], prompts,
+                               note=" The run started from the leak is left out: its start noises are not the base's."),
         "## Images", "",
         "Rows, top to bottom: " + ", ".join(samples) + ". Columns: sampling seeds.", "",
     ]

@@ -122,8 +122,7 @@ def write_report(out: Path, cfg: RangeConfig, results: dict, samples: dict) -> N
         f"output's channel means on the start noise's (1/a_T = {1 / results['a_T']:.1f} for a model that reads "
         "the brightness off the start, about 0 for one that sets it from the prompt).", "",
         report.range_table(results["runs"], list(cfg.prompts)), "",
-        "## Difference from the base, per start noise", "", report.PAIRED_NOTE, "",
-        report.paired_table(results["runs"], list(cfg.prompts)), "",
+        *report.paired_section(results["runs"], list(cfg.prompts)),
         "## Images", "",
         "Rows, top to bottom: " + ", ".join(samples) + ". Columns: sampling seeds.", "",
     ]

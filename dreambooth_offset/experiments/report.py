@@ -130,14 +130,20 @@ def range_table(rows: list[dict], prompts: list[str]) -> str:
     return "\n".join(lines)
 
 
-PAIRED_NOTE = ("Each fine-tune minus the base, per prompt, paired by start noise: the mean of the per-sample "
-               "differences +- its standard error. A bar such as 'within 0.05 of the base' is read here, with that "
-               "error.")
+def paired_section(rows: list[dict], prompts: list[str], against: str = "base", note: str = "") -> list[str]:
+    """A report's lines on each run minus the run named `against` (paired_table), with a heading
+    and what the table is; `note` is added to that."""
+    reference = "the base" if against == "base" else against
+    kind = "fine-tune minus the base" if against == "base" else f"run minus {against} of its own training seed"
+    return [f"## Difference from {reference}, per start noise", "",
+            f"Each {kind}, per prompt, paired by start noise: the mean of the per-sample differences +- its "
+            "standard error. A bar such as 'within 0.05 of the base' or 'at least 0.15 darker' is read here, with "
+            "that error." + note, "", paired_table(rows, prompts, against), ""]
 
 
 def paired_table(rows: list[dict], prompts: list[str], against: str = "base") -> str:
-    """Each run minus the run named `against` of its own training seed (the base, which has none;
-    PAIRED_NOTE says so), per prompt; every row must have been sampled from the same start noises.
+    """Each run minus the run named `against` of its own training seed (the base, which has none),
+    per prompt; every row must have been sampled from the same start noises.
     Pairing removes what the start noise does to both runs (docs/dark-and-bright.md, "The mid prompt
     over 64 start noises")."""
     reference = {r["seed"]: r for r in rows if r["name"] == against}

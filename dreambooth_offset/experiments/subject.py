@@ -185,23 +185,14 @@ def subject_table(rows: list[dict], prompts: list[str]) -> str:
     return "\n".join(lines)
 
 
-def offset_effect(rows: list[dict], cfg: SubjectConfig) -> list[str]:
-    """The report's section on what the offset does to each prompt: every run minus the run of the
-    smallest --noise_offset of its own training seed, paired by start noise; none for one variant."""
-    if len(cfg.variants) < 2:
-        return []
-    reference = min(cfg.variants, key=lambda v: v.overrides["noise_offset"]).name
-    return [f"## Difference from {reference}, per start noise", "",
-            f"Each run minus {reference} of its own training seed, per prompt, paired by start noise: the mean of "
-            "the per-sample differences +- its standard error. How much darker or brighter the offset makes the "
-            "subject's scenes is read here, with that error.", "",
-            report.paired_table(rows, list(cfg.prompts), against=reference), ""]
-
-
 def write_report(out: Path, cfg: SubjectConfig, results: dict, samples: dict) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     for i, prompt in enumerate(cfg.prompts):
         report.save_grid(out / f"grid-{i}.png", [(key, s[prompt].images) for key, s in samples.items()])
+    # each offset run against the smallest --noise_offset's run of its seed (none for one variant)
+    no_offset = min(cfg.variants, key=lambda v: v.overrides["noise_offset"]).name
+    offset_effect = (report.paired_section(results["runs"], list(cfg.prompts), no_offset)
+                     if len(cfg.variants) > 1 else [])
     lines = [
         "# Subject experiment", "",
         f"Base: `{results['model']}` at {results['resolution']} px. Wall time: {results['wall_time_s']} s.",
@@ -218,7 +209,7 @@ def write_report(out: Path, cfg: SubjectConfig, results: dict, samples: dict) ->
         f"subject's hue (within 15 degrees, saturation >= 0.4, whatever its brightness), and the share of samples "
         f"where it reaches {PRESENT_AT:.0%}.", "",
         subject_table(results["runs"], list(cfg.prompts)), "",
-        *offset_effect(results["runs"], cfg),
+        *offset_effect,
         "## Images", "", "Rows, top to bottom: " + ", ".join(samples) + ". Columns: sampling seeds.", "",
     ]
     lines += [f"**{p}**\n\n![{p}](grid-{i}.png)\n" for i, p in enumerate(cfg.prompts)]
