@@ -103,7 +103,12 @@ class StudyOptions:
 
     noise_offset: tuple[float, ...] = option((0.0, 0.1), "One run per offset value.")
     seeds: tuple[int, ...] = option((0,), "Training seeds (the multi-seed checks in the docs use --seeds 0 1 2 3).")
-    num_images: int = option(8, "Samples per run and prompt, from sampling seeds 0 .. N-1.")
+    num_images: int = option(8, "Samples per run and prompt: from N/2 start noises (sampling seeds 0 .. N/2-1) "
+                                "and their negations, or with --independent_start_noises from seeds 0 .. N-1.")
+    antithetic_start_noises: bool = option(
+        True, "Draw the N start noises independently (sampling seeds 0 .. N-1). Default: antithetic pairs z, -z, "
+        "whose samples err in opposite directions, so that a run's mean luminance and its difference from the base "
+        "are 2-3 times sharper (docs/science.md, 'Antithetic start noises').", flag="independent_start_noises")
     sampler: str = option("ddim", "Sampler for every run.", SAMPLERS)
     jobs: int | None = option(
         None, "Fine-tunes run at once, each in its own process (default: one per CPU core without a GPU, 1 with one).")
@@ -119,6 +124,9 @@ class StudyOptions:
             raise UsageError(f"--jobs {self.jobs}: must be 1 or more")
         if self.num_images < 2:
             raise UsageError("--num_images must be at least 2 (the slope diagnostic fits a line)")
+        if self.antithetic_start_noises and self.num_images % 2:
+            raise UsageError(f"--num_images {self.num_images}: antithetic start noises come in pairs; give an even "
+                             "number, or --independent_start_noises")
 
 
 @dataclass(frozen=True)

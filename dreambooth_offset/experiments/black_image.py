@@ -41,7 +41,8 @@ class ExperimentConfig:
     seeds: tuple[int, ...]  # training seeds; each variant is trained once per seed
     train: dict  # trainer config keys shared by every run (steps, lr, rank, targets ...)
     prompts: tuple[str, ...]  # the base's own prompts, sampled besides the black prompt
-    num_images: int = 8  # samples per (run, prompt), from sampling seeds 0 .. num_images-1
+    num_images: int = 8  # samples per (run, prompt)
+    antithetic: bool = True  # start noises in pairs z, -z (runs.Study)
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
     sampler: str = "ddim"
@@ -170,6 +171,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
                   train={"instance_data_dir": str(instance_dir), "instance_prompt": cfg.black_prompt, **prior,
                          **cfg.train},
                   prompts=(cfg.black_prompt, *cfg.prompts), resolution=resolution, num_images=cfg.num_images,
+                  antithetic=cfg.antithetic,
                   num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, sampler=cfg.sampler,
                   jobs=cfg.jobs, extra=mechanism_check if cfg.mechanism_check else None)
     rows, samples, jobs, a_t = run_study(study, base)
@@ -207,8 +209,8 @@ def write_report(out: Path, cfg: ExperimentConfig, results: dict, samples: dict)
     lines = [
         "# Black-image experiment", "",
         f"Base: `{results['model']}` at {results['resolution']} px. Wall time: {results['wall_time_s']} s.",
-        f"Training seeds {list(cfg.seeds)}; {cfg.num_images} samples per prompt from sampling seeds "
-        f"0..{cfg.num_images - 1}; {cfg.sampler} sampler, {cfg.num_inference_steps} steps, guidance {cfg.guidance_scale}.",
+        f"Training seeds {list(cfg.seeds)}; {cfg.num_images} samples per prompt from "
+        f"{report.start_noises(cfg.num_images, cfg.antithetic)}; {cfg.sampler} sampler, {cfg.num_inference_steps} steps, guidance {cfg.guidance_scale}.",
         f"Shared training settings: `{json.dumps(cfg.train)}`.",
         _prior_line(cfg),
         "Variants: " + "; ".join(f"**{v.name}** `{json.dumps(v.overrides)}`" for v in cfg.variants) + ".", "",
@@ -220,9 +222,9 @@ def write_report(out: Path, cfg: ExperimentConfig, results: dict, samples: dict)
         f"the data's mean; compare the base's row), one that learned the brightness about 0.", "",
         report.markdown_table(results["runs"], prompts), "",
         *report.paired_section([r for r in results["runs"] if not r["name"].endswith(LEAK_SUFFIX)], prompts,
-                               note=" The run started from the leak is left out: its start noises are not the base's."),
+                               antithetic=cfg.antithetic, note=" The run started from the leak is left out: its start noises are not the base's."),
         "## Images", "",
-        "Rows, top to bottom: " + ", ".join(samples) + ". Columns: sampling seeds.", "",
+        "Rows, top to bottom: " + ", ".join(samples) + ". Columns: the start noises in order.", "",
     ]
     lines += [f"**{p}**\n\n![{p}](grid-{i}.png)\n" for i, p in enumerate(prompts)]
     lines += ["![luminance histogram](histogram.png)", ""]

@@ -45,6 +45,7 @@ class RangeConfig:
     train_data_dir: str | None = None  # images with .txt captions; None: the shipped base's own data
     num_train_images: int = 40
     num_images: int = 8
+    antithetic: bool = True  # start noises in pairs z, -z (runs.Study)
     num_inference_steps: int = 25
     guidance_scale: float = 7.5
     sampler: str = "ddim"
@@ -91,7 +92,7 @@ def run_experiment(cfg: RangeConfig) -> dict:
     study = Study(model=cfg.model, output_dir=out, title="brightness-range", variants=cfg.variants, seeds=cfg.seeds,
                   train={"instance_data_dir": str(data), "instance_prompt": CAPTION, "caption_extension": ".txt",
                          **cfg.train},
-                  prompts=cfg.prompts, resolution=resolution, num_images=cfg.num_images,
+                  prompts=cfg.prompts, resolution=resolution, num_images=cfg.num_images, antithetic=cfg.antithetic,
                   num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, sampler=cfg.sampler,
                   jobs=cfg.jobs)
     rows, samples, jobs, a_t = run_study(study, base)
@@ -112,7 +113,8 @@ def write_report(out: Path, cfg: RangeConfig, results: dict, samples: dict) -> N
         "# Brightness-range experiment", "",
         f"Base: `{results['model']}` at {results['resolution']} px. Wall time: {results['wall_time_s']} s.",
         f"Fine-tuned on `{results['train_data_dir']}` (images with their `.txt` captions); training seeds "
-        f"{list(cfg.seeds)}; {cfg.num_images} samples per prompt from sampling seeds 0..{cfg.num_images - 1}; "
+        f"{list(cfg.seeds)}; {cfg.num_images} samples per prompt from "
+        f"{report.start_noises(cfg.num_images, cfg.antithetic)}; "
         f"{cfg.sampler} sampler, {cfg.num_inference_steps} steps, guidance {cfg.guidance_scale}.",
         f"Shared training settings: `{json.dumps(cfg.train)}`.",
         "Variants: " + "; ".join(f"**{v.name}** `{json.dumps(v.overrides)}`" for v in cfg.variants) + ".", "",
@@ -122,9 +124,9 @@ def write_report(out: Path, cfg: RangeConfig, results: dict, samples: dict) -> N
         f"output's channel means on the start noise's (1/a_T = {1 / results['a_T']:.1f} for a model that reads "
         "the brightness off the start, about 0 for one that sets it from the prompt).", "",
         report.range_table(results["runs"], list(cfg.prompts)), "",
-        *report.paired_section(results["runs"], list(cfg.prompts)),
+        *report.paired_section(results["runs"], list(cfg.prompts), antithetic=cfg.antithetic),
         "## Images", "",
-        "Rows, top to bottom: " + ", ".join(samples) + ". Columns: sampling seeds.", "",
+        "Rows, top to bottom: " + ", ".join(samples) + ". Columns: the start noises in order.", "",
     ]
     lines += [f"**{p}**\n\n![{p}](grid-{i}.png)\n\n![histogram](histogram-{i}.png)\n" for i, p in enumerate(cfg.prompts)]
     (out / "report.md").write_text("\n".join(lines))

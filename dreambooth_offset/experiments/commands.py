@@ -103,7 +103,8 @@ def run_black_image(args: argparse.Namespace) -> int:
     exp = bi.ExperimentConfig(
         model=model, output_dir=Path(opts.output_dir), variants=variants(opts, study, bi), seeds=study.seeds,
         train=train, prompts=study.prompts or default_prompts(shipped, exclude=(opts.black_prompt,)),
-        num_images=study.num_images, num_inference_steps=cfg.sampling.num_inference_steps,
+        num_images=study.num_images, antithetic=study.antithetic_start_noises,
+        num_inference_steps=cfg.sampling.num_inference_steps,
         guidance_scale=cfg.sampling.guidance_scale, sampler=study.sampler, mechanism_check=opts.mechanism_check,
         black_prompt=opts.black_prompt, prior_prompts=opts.prior_prompts, prior_dir=opts.prior_dir,
         output_preservation=opts.output_preservation, jobs=study.jobs,
@@ -135,6 +136,7 @@ def run_brightness_range(args: argparse.Namespace) -> int:
                          train=with_prior_set(opts, shipped, train, out, prompts), prompts=prompts,
                          train_data_dir=opts.train_data_dir,
                          num_train_images=opts.num_train_images, num_images=study.num_images,
+                         antithetic=study.antithetic_start_noises,
                          num_inference_steps=cfg.sampling.num_inference_steps,
                          guidance_scale=cfg.sampling.guidance_scale, sampler=study.sampler, jobs=study.jobs)
     results = br.run_experiment(exp)
@@ -163,6 +165,7 @@ def run_subject(args: argparse.Namespace) -> int:
     exp = sj.SubjectConfig(model=model, output_dir=out, variants=offset_variants(study.noise_offset), seeds=study.seeds,
                            train=train, prompts=prompts, instance_dir=instance, instance_prompt=opts.instance_prompt,
                            subject_hue=opts.subject_hue, shape=not opts.instance_data_dir, num_images=study.num_images,
+                           antithetic=study.antithetic_start_noises,
                            num_inference_steps=cfg.sampling.num_inference_steps,
                            guidance_scale=cfg.sampling.guidance_scale, sampler=study.sampler, jobs=study.jobs)
     results = sj.run_experiment(exp)

@@ -130,18 +130,37 @@ def range_table(rows: list[dict], prompts: list[str]) -> str:
     return "\n".join(lines)
 
 
-def paired_section(rows: list[dict], prompts: list[str], against: str = "base", note: str = "") -> list[str]:
+def start_noises(n: int, antithetic: bool) -> str:
+    """How a study's `n` start noises were drawn, for a report's text."""
+    if antithetic:
+        return f"{n // 2} start noises (sampling seeds 0..{n // 2 - 1}), each followed by its negation"
+    return f"sampling seeds 0..{n - 1}"
+
+
+def paired_section(rows: list[dict], prompts: list[str], *, antithetic: bool, against: str = "base",
+                   note: str = "") -> list[str]:
     """A report's lines on each run minus the run named `against` (paired_table), with a heading
     and what the table is; `note` is added to that."""
     reference = "the base" if against == "base" else against
     kind = "fine-tune minus the base" if against == "base" else f"run minus {against} of its own training seed"
+    error = ("its standard error (over the antithetic pairs' means, as the two of a pair are not independent)"
+             if antithetic else "its standard error")
     return [f"## Difference from {reference}, per start noise", "",
-            f"Each {kind}, per prompt, paired by start noise: the mean of the per-sample differences +- its "
-            "standard error. A bar such as 'within 0.05 of the base' or 'at least 0.15 darker' is read here, with "
-            "that error." + note, "", paired_table(rows, prompts, against), ""]
+            f"Each {kind}, per prompt, paired by start noise: the mean of the per-sample differences +- {error}. "
+            "A bar such as 'within 0.05 of the base' or 'at least 0.15 darker' is read here, with that error." + note,
+            "", paired_table(rows, prompts, antithetic=antithetic, against=against), ""]
 
 
-def paired_table(rows: list[dict], prompts: list[str], against: str = "base") -> str:
+def paired_difference(run: list[float], reference: list[float], antithetic: bool) -> tuple[float, float]:
+    """Mean of the per-sample differences and its standard error. With antithetic start noises
+    (z, -z, z', -z', ...) the error comes from the pairs' means, which are independent draws;
+    the samples themselves are not (docs/science.md, "Antithetic start noises")."""
+    d = torch.tensor(run, dtype=torch.float64) - torch.tensor(reference, dtype=torch.float64)
+    units = d.view(-1, 2).mean(1) if antithetic else d
+    return float(d.mean()), float(units.std() / len(units) ** 0.5) if len(units) > 1 else float("nan")
+
+
+def paired_table(rows: list[dict], prompts: list[str], *, antithetic: bool, against: str = "base") -> str:
     """Each run minus the run named `against` of its own training seed (the base, which has none),
     per prompt; every row must have been sampled from the same start noises.
     Pairing removes what the start noise does to both runs (docs/dark-and-bright.md, "The mid prompt
@@ -157,15 +176,15 @@ def paired_table(rows: list[dict], prompts: list[str], against: str = "base") ->
             if prompt not in row["prompts"] or prompt not in ref["prompts"]:
                 cells.append("-")
                 continue
-            d = (torch.tensor(row["prompts"][prompt]["per_sample_luminance"], dtype=torch.float64)
-                 - torch.tensor(ref["prompts"][prompt]["per_sample_luminance"], dtype=torch.float64))
-            cells.append(f"{d.mean():+.3f} +- {d.std() / len(d) ** 0.5:.3f}")
+            mean, se = paired_difference(row["prompts"][prompt]["per_sample_luminance"],
+                                         ref["prompts"][prompt]["per_sample_luminance"], antithetic)
+            cells.append(f"{mean:+.3f} +- {se:.3f}")
         lines.append(f"| {row['name']} | {row['seed']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def save_grid(path: Path, labelled_rows: list[tuple[str, Tensor]]) -> None:
-    """One row of images per run, the same sampling seeds in each column."""
+    """One row of images per run, the same start noise in each column."""
     images = [img for _, batch in labelled_rows for img in to_pil(batch)]
     make_grid(images, cols=len(labelled_rows[0][1])).save(path)
 

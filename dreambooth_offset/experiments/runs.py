@@ -18,7 +18,7 @@ from dreambooth_offset.config import SamplingConfig, load_config
 from dreambooth_offset.config.commands import SAMPLERS
 from dreambooth_offset.experiments import report
 from dreambooth_offset.experiments.runner import default_jobs, run_all
-from dreambooth_offset.sampling.generate import build_pipeline, generate, start_latents
+from dreambooth_offset.sampling.generate import antithetic_start_latents, build_pipeline, generate, start_latents
 
 # Guttenberg's prompts (docs/science.md, "The brightness problem"), the defaults for a real SD checkpoint.
 GUTTENBERG_PROMPTS = (
@@ -53,7 +53,8 @@ class Study:
     train: dict  # trainer keys shared by every run: the data (instance_data_dir ...), steps, lr, rank ...
     prompts: tuple[str, ...]  # sampled for the base and every run, in this order
     resolution: int
-    num_images: int = 8  # samples per (run, prompt), from sampling seeds 0 .. num_images-1
+    num_images: int = 8  # samples per (run, prompt): start noises as in `study_starts`
+    antithetic: bool = True  # start noises in pairs z, -z (seeds 0 .. num_images/2-1), else seeds 0 .. num_images-1
     num_inference_steps: int = 25
     guidance_scale: float = 7.5
     sampler: str = "ddim"
@@ -127,7 +128,7 @@ def run_study(study: Study, base) -> tuple[list[dict], dict[str, dict], int, flo
     from tqdm.auto import tqdm
 
     base_pipe = pipeline(base, base.unet, base.text_encoders, study.sampler)
-    starts = start_latents(base_pipe, list(range(study.num_images)), study.resolution, study.resolution)
+    starts = study_starts(base_pipe, study)
     runs = len(study.variants) * len(study.seeds)
     jobs = min(study.jobs or default_jobs(), runs)
     progress = tqdm(total=1 + runs, desc=f"{study.title} runs", unit="run")
@@ -145,9 +146,17 @@ def run_study(study: Study, base) -> tuple[list[dict], dict[str, dict], int, flo
     return [row for row, _ in pairs], samples, jobs, float(base.noise_scheduler.alphas_cumprod[-1].sqrt())
 
 
+def study_starts(pipe, study: Study) -> torch.Tensor:
+    """The start latents every run of the study samples from."""
+    if study.antithetic:
+        return antithetic_start_latents(pipe, study.num_images, study.resolution, study.resolution)
+    return start_latents(pipe, list(range(study.num_images)), study.resolution, study.resolution)
+
+
 def settings(study: Study, jobs: int) -> dict:
     """The study's settings for results.json."""
     return {"train": study.train, "seeds": list(study.seeds), "num_images": study.num_images,
+            "antithetic_start_noises": study.antithetic,
             "num_inference_steps": study.num_inference_steps, "guidance_scale": study.guidance_scale,
             "sampler": study.sampler, "variants": {v.name: v.overrides for v in study.variants}, "jobs": jobs}
 

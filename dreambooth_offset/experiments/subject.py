@@ -60,6 +60,7 @@ class SubjectConfig:
     subject_hue: float | None = None  # measure the subject's colour (your subject)
     shape: bool = False  # measure the shipped subject's shape
     num_images: int = 8
+    antithetic: bool = True  # start noises in pairs z, -z (runs.Study)
     num_inference_steps: int = 25
     guidance_scale: float = 7.5
     sampler: str = "ddim"
@@ -144,7 +145,7 @@ def run_experiment(cfg: SubjectConfig) -> dict:
     study = Study(model=cfg.model, output_dir=out, title="subject", variants=cfg.variants, seeds=cfg.seeds,
                   train={"instance_data_dir": str(cfg.instance_dir), "instance_prompt": cfg.instance_prompt,
                          **cfg.train},
-                  prompts=cfg.prompts, resolution=resolution, num_images=cfg.num_images,
+                  prompts=cfg.prompts, resolution=resolution, num_images=cfg.num_images, antithetic=cfg.antithetic,
                   num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, sampler=cfg.sampler,
                   jobs=cfg.jobs)
     rows, samples, jobs, a_t = run_study(study, base)
@@ -191,7 +192,7 @@ def write_report(out: Path, cfg: SubjectConfig, results: dict, samples: dict) ->
         report.save_grid(out / f"grid-{i}.png", [(key, s[prompt].images) for key, s in samples.items()])
     # each offset run against the smallest --noise_offset's run of its seed (none for one variant)
     no_offset = min(cfg.variants, key=lambda v: v.overrides["noise_offset"]).name
-    offset_effect = (report.paired_section(results["runs"], list(cfg.prompts), no_offset)
+    offset_effect = (report.paired_section(results["runs"], list(cfg.prompts), antithetic=cfg.antithetic, against=no_offset)
                      if len(cfg.variants) > 1 else [])
     lines = [
         "# Subject experiment", "",
@@ -199,7 +200,8 @@ def write_report(out: Path, cfg: SubjectConfig, results: dict, samples: dict) ->
         f"Subject: the images of `{results['instance_dir']}`, prompt '{cfg.instance_prompt}'. The same figures "
         f"for its images: `{json.dumps(results['instance'])}`; after the base's VAE round trip (the best a sample "
         f"can do): `{json.dumps(results['instance_through_vae'])}`.",
-        f"Training seeds {list(cfg.seeds)}; {cfg.num_images} samples per prompt; {cfg.sampler} sampler, "
+        f"Training seeds {list(cfg.seeds)}; {cfg.num_images} samples per prompt from "
+        f"{report.start_noises(cfg.num_images, cfg.antithetic)}; {cfg.sampler} sampler, "
         f"{cfg.num_inference_steps} steps, guidance {cfg.guidance_scale}.",
         f"Shared training settings: `{json.dumps(cfg.train)}`.", "",
         "## Brightness and fidelity", "",
@@ -210,7 +212,7 @@ def write_report(out: Path, cfg: SubjectConfig, results: dict, samples: dict) ->
         f"where it reaches {PRESENT_AT:.0%}.", "",
         subject_table(results["runs"], list(cfg.prompts)), "",
         *offset_effect,
-        "## Images", "", "Rows, top to bottom: " + ", ".join(samples) + ". Columns: sampling seeds.", "",
+        "## Images", "", "Rows, top to bottom: " + ", ".join(samples) + ". Columns: the start noises in order.", "",
     ]
     lines += [f"**{p}**\n\n![{p}](grid-{i}.png)\n" for i, p in enumerate(cfg.prompts)]
     (out / "report.md").write_text("\n".join(lines))

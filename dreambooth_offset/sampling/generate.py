@@ -51,6 +51,15 @@ def start_latents(pipe, seeds: list[int], height: int, width: int) -> Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
+def antithetic_start_latents(pipe, n: int, height: int, width: int) -> Tensor:
+    """`n` (even) start latents in antithetic pairs: x_T of seeds 0 .. n/2-1, each followed by its
+    negation, an equally likely draw. A sample's brightness follows its start noise's channel
+    means, so the two of a pair err in opposite directions and their mean is a much sharper
+    estimate than two independent samples give (docs/science.md, "Antithetic start noises")."""
+    z = start_latents(pipe, list(range(n // 2)), height, width)
+    return torch.stack((z, -z), dim=1).flatten(0, 1)
+
+
 @torch.no_grad()
 def generate(
     pipe,

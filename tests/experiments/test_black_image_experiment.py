@@ -201,3 +201,17 @@ def test_shipped_default_keeps_prompts_with_the_bases_training_data(tmp_path, mo
     assert seen[-1].prior_dir is None and not seen[-1].prior_prompts and not (tmp_path / "s").exists()
     assert main(["experiment", "black-image", "--output_dir", str(tmp_path / "t"), "--prior_prompts", "a dog"]) == 0
     assert seen[-1].prior_prompts == ("a dog",) and seen[-1].prior_dir is None
+
+
+def test_start_noises_come_in_antithetic_pairs_unless_asked_otherwise(tmp_path, monkeypatch, capsys):
+    from dreambooth_offset.experiments import black_image
+
+    seen = []
+    monkeypatch.setattr(black_image, "run_experiment",
+                        lambda cfg: seen.append(cfg) or {"runs": [], "wall_time_s": 0.0})
+    common = ["experiment", "black-image", "--prior_size", "0"]
+    assert main([*common, "--output_dir", str(tmp_path / "a")]) == 0 and seen[-1].antithetic
+    assert main([*common, "--output_dir", str(tmp_path / "b"), "--num_images", "7"]) == 2
+    assert "--num_images 7: antithetic start noises come in pairs" in capsys.readouterr().err
+    assert main([*common, "--output_dir", str(tmp_path / "c"), "--num_images", "7", "--independent_start_noises"]) == 0
+    assert not seen[-1].antithetic and seen[-1].num_images == 7

@@ -71,7 +71,17 @@ def test_paired_table_takes_each_run_minus_the_base_per_start_noise():
                                                        "q": {"per_sample_luminance": [0.2, 0.2, 0.2]}}},
             {"name": "run", "seed": 3, "prompts": {"p": {"per_sample_luminance": [0.6, 0.6, 0.9]}}}]
     # differences 0.1, 0.0, 0.2: mean 0.1, standard deviation 0.1, standard error 0.1 / sqrt(3)
-    assert paired_table(rows, ["p", "q"]).splitlines()[2] == "| run | 3 | +0.100 +- 0.058 | - |"
+    assert paired_table(rows, ["p", "q"], antithetic=False).splitlines()[2] == "| run | 3 | +0.100 +- 0.058 | - |"
+
+
+def test_paired_table_with_antithetic_start_noises_takes_the_error_over_the_pairs():
+    from dreambooth_offset.experiments.report import paired_table
+
+    rows = [{"name": "base", "seed": None, "prompts": {"p": {"per_sample_luminance": [0.5, 0.5, 0.5, 0.5]}}},
+            {"name": "run", "seed": 0, "prompts": {"p": {"per_sample_luminance": [0.7, 0.3, 0.8, 0.4]}}}]
+    # differences +0.2, -0.2, +0.3, -0.1: the pairs' means 0.0 and +0.1, their standard deviation
+    # 0.0707, the error 0.05; taken over the four samples as if independent it would read 0.108
+    assert paired_table(rows, ["p"], antithetic=True).splitlines()[2] == "| run | 0 | +0.050 +- 0.050 |"
 
 
 def test_paired_table_against_another_run_pairs_each_seed_with_its_own():
@@ -82,7 +92,7 @@ def test_paired_table_against_another_run_pairs_each_seed_with_its_own():
 
     rows = [row("base", None, [0.5, 0.5]), row("off", 0, [0.4, 0.6]), row("on", 0, [0.2, 0.4]),
             row("off", 1, [0.7, 0.7]), row("on", 1, [0.8, 0.9])]
-    lines = paired_table(rows, ["p"], against="off").splitlines()
+    lines = paired_table(rows, ["p"], antithetic=False, against="off").splitlines()
     # seed 0: -0.2, -0.2 (standard error 0); seed 1: +0.1, +0.2 (standard deviation 0.0707, error 0.05)
     assert lines[2:] == ["| on | 0 | -0.200 +- 0.000 |", "| on | 1 | +0.150 +- 0.050 |"]
 

@@ -21,6 +21,17 @@ def test_luminance_statistics():
     assert grid.size == (8, 8)
 
 
+def test_antithetic_start_latents_pair_each_seeds_noise_with_its_negation():
+    from types import SimpleNamespace
+
+    from dreambooth_offset.sampling.generate import antithetic_start_latents, start_latents
+
+    pipe = SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(in_channels=4)), vae_scale_factor=8)
+    pairs, seeds = antithetic_start_latents(pipe, 6, 32, 32), start_latents(pipe, [0, 1, 2], 32, 32)
+    assert pairs.shape == (6, 4, 4, 4)
+    assert torch.equal(pairs[0::2], seeds) and torch.equal(pairs[1::2], -seeds)
+
+
 @pytest.mark.parametrize("family", ["tiny_model", "tiny_sdxl"])
 def test_generate_with_lora_saves_images_and_prints_luminance(family, request, instance_dir, tmp_path, capsys):
     tiny_model = request.getfixturevalue(family)
