@@ -210,7 +210,8 @@ def write_report(out: Path, cfg: ExperimentConfig, results: dict, samples: dict)
         "# Black-image experiment", "",
         f"Base: `{results['model']}` at {results['resolution']} px. Wall time: {results['wall_time_s']} s.",
         f"Training seeds {list(cfg.seeds)}; {cfg.num_images} samples per prompt from "
-        f"{report.start_noises(cfg.num_images, cfg.antithetic)}; {cfg.sampler} sampler, {cfg.num_inference_steps} steps, guidance {cfg.guidance_scale}.",
+        f"{report.start_noises(cfg.num_images, cfg.antithetic)}; {cfg.sampler} sampler, {cfg.num_inference_steps} "
+        f"steps, guidance {cfg.guidance_scale}.",
         f"Shared training settings: `{json.dumps(cfg.train)}`.",
         _prior_line(cfg),
         "Variants: " + "; ".join(f"**{v.name}** `{json.dumps(v.overrides)}`" for v in cfg.variants) + ".", "",
@@ -222,7 +223,8 @@ def write_report(out: Path, cfg: ExperimentConfig, results: dict, samples: dict)
         f"the data's mean; compare the base's row), one that learned the brightness about 0.", "",
         report.markdown_table(results["runs"], prompts), "",
         *report.paired_section([r for r in results["runs"] if not r["name"].endswith(LEAK_SUFFIX)], prompts,
-                               antithetic=cfg.antithetic, note=" The run started from the leak is left out: its start noises are not the base's."),
+                               antithetic=cfg.antithetic,
+                               note=" The run started from the leak is left out: its start noises are not the base's."),
         "## Images", "",
         "Rows, top to bottom: " + ", ".join(samples) + ". Columns: the start noises in order.", "",
     ]
