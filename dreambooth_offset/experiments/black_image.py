@@ -223,7 +223,7 @@ def write_report(out: Path, cfg: ExperimentConfig, results: dict, samples: dict)
         f"the data's mean; compare the base's row), one that learned the brightness about 0.", "",
         report.markdown_table(results["runs"], prompts), "",
         *report.paired_section([r for r in results["runs"] if not r["name"].endswith(LEAK_SUFFIX)], prompts,
-                               antithetic=cfg.antithetic,
+                               antithetic=cfg.antithetic, figure=out / "differences.png",
                                note=" The run started from the leak is left out: its start noises are not the base's."),
         "## Images", "",
         "Rows, top to bottom: " + ", ".join(samples) + ". Columns: the start noises in order.", "",

@@ -124,7 +124,8 @@ def write_report(out: Path, cfg: RangeConfig, results: dict, samples: dict) -> N
         f"output's channel means on the start noise's (1/a_T = {1 / results['a_T']:.1f} for a model that reads "
         "the brightness off the start, about 0 for one that sets it from the prompt).", "",
         report.range_table(results["runs"], list(cfg.prompts)), "",
-        *report.paired_section(results["runs"], list(cfg.prompts), antithetic=cfg.antithetic),
+        *report.paired_section(results["runs"], list(cfg.prompts), antithetic=cfg.antithetic,
+                               figure=out / "differences.png"),
         "## Images", "",
         "Rows, top to bottom: " + ", ".join(samples) + ". Columns: the start noises in order.", "",
     ]

@@ -138,17 +138,23 @@ def start_noises(n: int, antithetic: bool) -> str:
 
 
 def paired_section(rows: list[dict], prompts: list[str], *, antithetic: bool, against: str = "base",
-                   note: str = "") -> list[str]:
+                   note: str = "", figure: Path | None = None) -> list[str]:
     """A report's lines on each run minus the run named `against` (paired_table), with a heading
-    and what the table is; `note` is added to that."""
+    and what the table is; `note` is added to that. With `figure`, the same differences are drawn
+    there (save_differences) and the lines show it."""
     reference = "the base" if against == "base" else against
     kind = "fine-tune minus the base" if against == "base" else f"run minus {against} of its own training seed"
     error = ("its standard error (over the antithetic pairs' means, as the two of a pair are not independent)"
              if antithetic else "its standard error")
-    return [f"## Difference from {reference}, per start noise", "",
-            f"Each {kind}, per prompt, paired by start noise: the mean of the per-sample differences +- {error}. "
-            "A bar such as 'within 0.05 of the base' or 'at least 0.15 darker' is read here, with that error." + note,
-            "", paired_table(rows, prompts, antithetic=antithetic, against=against), ""]
+    diffs = paired_differences(rows, prompts, antithetic=antithetic, against=against)
+    lines = [f"## Difference from {reference}, per start noise", "",
+             f"Each {kind}, per prompt, paired by start noise: the mean of the per-sample differences +- {error}. "
+             "A bar such as 'within 0.05 of the base' or 'at least 0.15 darker' is read here, with that error." + note,
+             "", paired_table(diffs, prompts), ""]
+    if figure is not None and diffs:
+        save_differences(figure, diffs, prompts, reference)
+        lines += [f"![each run minus {reference}, +- 2 standard errors]({figure.name})", ""]
+    return lines
 
 
 def paired_difference(run: list[float], reference: list[float], antithetic: bool) -> tuple[float, float]:
@@ -160,27 +166,63 @@ def paired_difference(run: list[float], reference: list[float], antithetic: bool
     return float(d.mean()), float(units.std() / len(units) ** 0.5) if len(units) > 1 else float("nan")
 
 
-def paired_table(rows: list[dict], prompts: list[str], *, antithetic: bool, against: str = "base") -> str:
-    """Each run minus the run named `against` of its own training seed (the base, which has none),
-    per prompt; every row must have been sampled from the same start noises.
-    Pairing removes what the start noise does to both runs (docs/dark-and-bright.md, "The mid prompt
-    over 64 start noises")."""
+def paired_differences(rows: list[dict], prompts: list[str], *, antithetic: bool,
+                       against: str = "base") -> list[tuple[dict, dict[str, tuple[float, float]]]]:
+    """(row, {prompt: (mean, standard error)}) for each run minus the run named `against` of its own
+    training seed (the base, which has none); every row must have been sampled from the same start
+    noises. Pairing removes what the start noise does to both runs (docs/dark-and-bright.md, "The mid
+    prompt over 64 start noises")."""
     reference = {r["seed"]: r for r in rows if r["name"] == against}
-    lines = ["| run | train seed | " + " | ".join(prompts) + " |", "|---" * (2 + len(prompts)) + "|"]
+    out = []
     for row in rows:
         ref = reference.get(row["seed"], reference.get(None))
         if row["name"] in ("base", against) or ref is None:
             continue
-        cells = []
-        for prompt in prompts:
-            if prompt not in row["prompts"] or prompt not in ref["prompts"]:
-                cells.append("-")
-                continue
-            mean, se = paired_difference(row["prompts"][prompt]["per_sample_luminance"],
-                                         ref["prompts"][prompt]["per_sample_luminance"], antithetic)
-            cells.append(f"{mean:+.3f} +- {se:.3f}")
-        lines.append(f"| {row['name']} | {row['seed']} | " + " | ".join(cells) + " |")
+        out.append((row, {p: paired_difference(row["prompts"][p]["per_sample_luminance"],
+                                               ref["prompts"][p]["per_sample_luminance"], antithetic)
+                          for p in prompts if p in row["prompts"] and p in ref["prompts"]}))
+    return out
+
+
+def paired_table(diffs: list[tuple[dict, dict[str, tuple[float, float]]]], prompts: list[str]) -> str:
+    """paired_differences as a markdown table, '-' where a run lacks a prompt."""
+    lines = ["| run | train seed | " + " | ".join(prompts) + " |", "|---" * (2 + len(prompts)) + "|"]
+    for row, cells in diffs:
+        text = [f"{cells[p][0]:+.3f} +- {cells[p][1]:.3f}" if p in cells else "-" for p in prompts]
+        lines.append(f"| {row['name']} | {row['seed']} | " + " | ".join(text) + " |")
     return "\n".join(lines)
+
+
+def save_differences(path: Path, diffs: list[tuple[dict, dict[str, tuple[float, float]]]], prompts: list[str],
+                     reference: str) -> None:
+    """paired_differences drawn: one panel per prompt, one line per run, each difference with a bar of
+    +- 2 standard errors (about 95 %) and the zero line, so a bar's margin is seen with its error."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{row['name']}, seed {row['seed']}" for row, _ in diffs]
+    names = list(dict.fromkeys(row["name"] for row, _ in diffs))  # one colour per run name
+    fig, axes = plt.subplots(1, len(prompts), figsize=(2.6 * len(prompts) + 2.2, 0.35 * len(diffs) + 1.6),
+                             sharey=True, squeeze=False)
+    for ax, prompt in zip(axes[0], prompts):
+        for i, (row, cells) in enumerate(diffs):
+            if prompt in cells:
+                mean, se = cells[prompt]
+                ax.errorbar(mean, i, xerr=2 * se if se == se else 0.0, fmt="o", capsize=3,
+                            color=f"C{names.index(row['name']) % 10}")
+        ax.axvline(0.0, color="grey", linewidth=1)
+        ax.set_title(textwrap.fill(prompt, 28), fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_yticks(range(len(labels)), labels, fontsize=7)
+    axes[0][0].invert_yaxis()
+    fig.supxlabel(f"mean luminance minus {reference}, paired by start noise (+- 2 standard errors)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def save_grid(path: Path, labelled_rows: list[tuple[str, Tensor]]) -> None:

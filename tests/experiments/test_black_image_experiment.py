@@ -59,7 +59,7 @@ def test_report_files_and_schema(family, request, tmp_path, capsys):
                                                         "prior-0001.txt"]
     assert [(prior / f"prior-000{i}.txt").read_text().strip() for i in (0, 1)] == ["a photo of a dog", ""]
     assert results["settings"]["prior_prompts"] == ["a photo of a dog", ""]
-    for name in ("report.md", "grid-0.png", "grid-1.png", "histogram.png"):
+    for name in ("report.md", "grid-0.png", "grid-1.png", "histogram.png", "differences.png"):
         assert (out / name).is_file()
     paired = (out / "report.md").read_text().split("## Difference from the base, per start noise")[1]
     assert "| noise_offset=0.1 | 0 |" in paired and "start from the leak |" not in paired  # not the base's starts

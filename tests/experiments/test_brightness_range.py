@@ -58,41 +58,43 @@ def test_report_in_guttenbergs_shape(tiny_model, tmp_path, capsys):
     trained = json.loads((out / "runs" / "noise_offset=0.1-seed0" / "training_config.json").read_text())
     assert trained["instance_data_dir"] == str(data) and trained["caption_extension"] == ".txt"
     assert trained["noise_offset"] == 0.1
-    for name in ("report.md", "grid-0.png", "grid-1.png", "histogram-0.png", "histogram-1.png"):
+    for name in ("report.md", "grid-0.png", "grid-1.png", "histogram-0.png", "histogram-1.png", "differences.png"):
         assert (out / name).is_file()
     paired = (out / "report.md").read_text().split("## Difference from the base, per start noise")[1]
     assert "| noise_offset=0 | 0 |" in paired and "| noise_offset=0.1 | 0 |" in paired and "| base |" not in paired
 
 
 def test_paired_table_takes_each_run_minus_the_base_per_start_noise():
-    from dreambooth_offset.experiments.report import paired_table
+    from dreambooth_offset.experiments.report import paired_differences, paired_table
 
     rows = [{"name": "base", "seed": None, "prompts": {"p": {"per_sample_luminance": [0.5, 0.6, 0.7]},
                                                        "q": {"per_sample_luminance": [0.2, 0.2, 0.2]}}},
             {"name": "run", "seed": 3, "prompts": {"p": {"per_sample_luminance": [0.6, 0.6, 0.9]}}}]
     # differences 0.1, 0.0, 0.2: mean 0.1, standard deviation 0.1, standard error 0.1 / sqrt(3)
-    assert paired_table(rows, ["p", "q"], antithetic=False).splitlines()[2] == "| run | 3 | +0.100 +- 0.058 | - |"
+    table = paired_table(paired_differences(rows, ["p", "q"], antithetic=False), ["p", "q"])
+    assert table.splitlines()[2] == "| run | 3 | +0.100 +- 0.058 | - |"
 
 
 def test_paired_table_with_antithetic_start_noises_takes_the_error_over_the_pairs():
-    from dreambooth_offset.experiments.report import paired_table
+    from dreambooth_offset.experiments.report import paired_differences, paired_table
 
     rows = [{"name": "base", "seed": None, "prompts": {"p": {"per_sample_luminance": [0.5, 0.5, 0.5, 0.5]}}},
             {"name": "run", "seed": 0, "prompts": {"p": {"per_sample_luminance": [0.7, 0.3, 0.8, 0.4]}}}]
     # differences +0.2, -0.2, +0.3, -0.1: the pairs' means 0.0 and +0.1, their standard deviation
     # 0.0707, the error 0.05; taken over the four samples as if independent it would read 0.108
-    assert paired_table(rows, ["p"], antithetic=True).splitlines()[2] == "| run | 0 | +0.050 +- 0.050 |"
+    table = paired_table(paired_differences(rows, ["p"], antithetic=True), ["p"])
+    assert table.splitlines()[2] == "| run | 0 | +0.050 +- 0.050 |"
 
 
 def test_paired_table_against_another_run_pairs_each_seed_with_its_own():
-    from dreambooth_offset.experiments.report import paired_table
+    from dreambooth_offset.experiments.report import paired_differences, paired_table
 
     def row(name, seed, values):
         return {"name": name, "seed": seed, "prompts": {"p": {"per_sample_luminance": values}}}
 
     rows = [row("base", None, [0.5, 0.5]), row("off", 0, [0.4, 0.6]), row("on", 0, [0.2, 0.4]),
             row("off", 1, [0.7, 0.7]), row("on", 1, [0.8, 0.9])]
-    lines = paired_table(rows, ["p"], antithetic=False, against="off").splitlines()
+    lines = paired_table(paired_differences(rows, ["p"], antithetic=False, against="off"), ["p"]).splitlines()
     # seed 0: -0.2, -0.2 (standard error 0); seed 1: +0.1, +0.2 (standard deviation 0.0707, error 0.05)
     assert lines[2:] == ["| on | 0 | -0.200 +- 0.000 |", "| on | 1 | +0.150 +- 0.050 |"]
 

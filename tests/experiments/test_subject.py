@@ -87,8 +87,9 @@ def test_report_with_brightness_and_fidelity(tiny_model, instance_dir, tmp_path,
             assert stats["subject_area"] <= stats["subject_present"] or stats["subject_area"] < 0.03
     assert 0 < results["instance"]["subject_area"] < 1  # the reddish instance images, hue 20
     assert "subject_shape" not in results["instance"]  # your own subject: no plus sign to look for
-    assert (out / "grid-2.png").is_file()
+    assert (out / "grid-2.png").is_file() and (out / "differences.png").is_file()
     paired = (out / "report.md").read_text().split("## Difference from noise_offset=0, per start noise")[1]
+    assert "![each run minus noise_offset=0, +- 2 standard errors](differences.png)" in paired
     assert "| noise_offset=0.1 | 0 |" in paired and "| noise_offset=0 |" not in paired and "| base |" not in paired
 
 
