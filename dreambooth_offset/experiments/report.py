@@ -137,6 +137,10 @@ def start_noises(n: int, antithetic: bool) -> str:
     return f"sampling seeds 0..{n - 1}"
 
 
+# each run (its results row) with {prompt: (mean difference, standard error)}
+Differences = list[tuple[dict, dict[str, tuple[float, float]]]]
+
+
 def paired_section(rows: list[dict], prompts: list[str], *, antithetic: bool, against: str = "base",
                    note: str = "", figure: Path | None = None) -> list[str]:
     """A report's lines on each run minus the run named `against` (paired_table), with a heading
@@ -167,7 +171,7 @@ def paired_difference(run: list[float], reference: list[float], antithetic: bool
 
 
 def paired_differences(rows: list[dict], prompts: list[str], *, antithetic: bool,
-                       against: str = "base") -> list[tuple[dict, dict[str, tuple[float, float]]]]:
+                       against: str = "base") -> Differences:
     """(row, {prompt: (mean, standard error)}) for each run minus the run named `against` of its own
     training seed (the base, which has none); every row must have been sampled from the same start
     noises. Pairing removes what the start noise does to both runs (docs/dark-and-bright.md, "The mid
@@ -184,7 +188,7 @@ def paired_differences(rows: list[dict], prompts: list[str], *, antithetic: bool
     return out
 
 
-def paired_table(diffs: list[tuple[dict, dict[str, tuple[float, float]]]], prompts: list[str]) -> str:
+def paired_table(diffs: Differences, prompts: list[str]) -> str:
     """paired_differences as a markdown table, '-' where a run lacks a prompt."""
     lines = ["| run | train seed | " + " | ".join(prompts) + " |", "|---" * (2 + len(prompts)) + "|"]
     for row, cells in diffs:
@@ -193,17 +197,12 @@ def paired_table(diffs: list[tuple[dict, dict[str, tuple[float, float]]]], promp
     return "\n".join(lines)
 
 
-def save_differences(path: Path, diffs: list[tuple[dict, dict[str, tuple[float, float]]]], prompts: list[str],
-                     reference: str) -> None:
+def save_differences(path: Path, diffs: Differences, prompts: list[str], reference: str) -> None:
     """paired_differences drawn: one panel per prompt, one line per run, each difference with a bar of
     +- 2 standard errors (about 95 %) and the zero line, so a bar's margin is seen with its error."""
     import textwrap
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     labels = [f"{row['name']}, seed {row['seed']}" for row, _ in diffs]
     names = list(dict.fromkeys(row["name"] for row, _ in diffs))  # one colour per run name
     fig, axes = plt.subplots(1, len(prompts), figsize=(2.6 * len(prompts) + 2.2, 0.35 * len(diffs) + 1.6),
@@ -220,9 +219,7 @@ def save_differences(path: Path, diffs: list[tuple[dict, dict[str, tuple[float, 
     axes[0][0].set_yticks(range(len(labels)), labels, fontsize=7)
     axes[0][0].invert_yaxis()
     fig.supxlabel(f"mean luminance minus {reference}, paired by start noise (+- 2 standard errors)", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 def save_grid(path: Path, labelled_rows: list[tuple[str, Tensor]]) -> None:
@@ -233,12 +230,7 @@ def save_grid(path: Path, labelled_rows: list[tuple[str, Tensor]]) -> None:
 
 def save_histogram(path: Path, labelled: list[tuple[str, Tensor]], title: str) -> None:
     """Pixel-luminance histograms, one line per run, for one prompt."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = _pyplot().subplots(figsize=(7, 4))
     bins = torch.linspace(0, 1, 51)
     for label, images in labelled:
         counts = torch.histc(luminance(images).flatten(), bins=50, min=0.0, max=1.0)
@@ -248,6 +240,20 @@ def save_histogram(path: Path, labelled: list[tuple[str, Tensor]], title: str) -
     ax.set_ylabel("fraction of pixels")
     ax.set_title(title)
     ax.legend(fontsize=8)
+    _save_figure(fig, path)
+
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend (no display on a CPU server or in CI)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_figure(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)

@@ -192,8 +192,9 @@ def write_report(out: Path, cfg: SubjectConfig, results: dict, samples: dict) ->
         report.save_grid(out / f"grid-{i}.png", [(key, s[prompt].images) for key, s in samples.items()])
     # each offset run against the smallest --noise_offset's run of its seed (none for one variant)
     no_offset = min(cfg.variants, key=lambda v: v.overrides["noise_offset"]).name
-    offset_effect = (report.paired_section(results["runs"], list(cfg.prompts), antithetic=cfg.antithetic,
-                                           against=no_offset, figure=out / "differences.png") if len(cfg.variants) > 1 else [])
+    offset_effect = [] if len(cfg.variants) < 2 else report.paired_section(
+        results["runs"], list(cfg.prompts), antithetic=cfg.antithetic, against=no_offset,
+        figure=out / "differences.png")
     lines = [
         "# Subject experiment", "",
         f"Base: `{results['model']}` at {results['resolution']} px. Wall time: {results['wall_time_s']} s.",

@@ -56,6 +56,8 @@ def antithetic_start_latents(pipe, n: int, height: int, width: int) -> Tensor:
     negation, an equally likely draw. A sample's brightness follows its start noise's channel
     means, so the two of a pair err in opposite directions and their mean is a much sharper
     estimate than two independent samples give (docs/science.md, "Antithetic start noises")."""
+    if n % 2:
+        raise ValueError(f"{n} start latents cannot come in antithetic pairs: give an even number")
     z = start_latents(pipe, list(range(n // 2)), height, width)
     return torch.stack((z, -z), dim=1).flatten(0, 1)
 

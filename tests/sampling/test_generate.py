@@ -30,6 +30,8 @@ def test_antithetic_start_latents_pair_each_seeds_noise_with_its_negation():
     pairs, seeds = antithetic_start_latents(pipe, 6, 32, 32), start_latents(pipe, [0, 1, 2], 32, 32)
     assert pairs.shape == (6, 4, 4, 4)
     assert torch.equal(pairs[0::2], seeds) and torch.equal(pairs[1::2], -seeds)
+    with pytest.raises(ValueError, match="antithetic pairs"):
+        antithetic_start_latents(pipe, 5, 32, 32)
 
 
 @pytest.mark.parametrize("family", ["tiny_model", "tiny_sdxl"])
